@@ -1,0 +1,220 @@
+"""Bounded mailboxes with an overflow policy and a separate, never-blocking system lane.
+
+One consumer (the actor's loop) and any number of producers. The user lane is bounded; what
+happens when it is full is the actor's ``Overflow`` policy. The system lane carries stop
+requests, ``Down``/``Exit`` notices, child exits and state queries: it is never full, so a
+flooded actor can always be stopped. The consumer always drains the system lane first.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import outcome
+import trio
+
+from .calls import PendingCall
+from .errors import ActorStopped, MailboxFull
+
+__all__ = ["Mailbox", "MailboxClosed", "Overflow"]
+
+
+class Overflow(enum.Enum):
+    """What ``cast`` does when the user lane is full."""
+
+    BLOCK = "block"  #: wait for room (backpressure); the default
+    FAIL = "fail"  #: raise ``MailboxFull`` in the sender
+    DROP_NEWEST = "drop_newest"  #: drop the message being sent (a call fails with MailboxFull)
+    DROP_OLDEST = "drop_oldest"  #: evict the oldest queued message (an evicted call fails)
+
+
+class MailboxClosed(Exception):
+    """Raised by ``put`` when the mailbox's actor has stopped for good."""
+
+
+class Mailbox:
+    """An actor's two-lane queue. Items are messages or ``PendingCall`` envelopes."""
+
+    __slots__ = (
+        "_receiver",
+        "_senders",
+        "capacity",
+        "closed",
+        "dropped",
+        "on_overflow",
+        "overflow",
+        "path",
+        "peak",
+        "system",
+        "user",
+    )
+
+    def __init__(self, capacity: int, overflow: Overflow, path: str) -> None:
+        if capacity < 0:
+            raise ValueError("mailbox capacity must be >= 0")
+        self.capacity = capacity
+        self.overflow = overflow
+        self.path = path
+        self.user: deque[Any] = deque()
+        self.system: list[Any] = []
+        self.peak = 0
+        self.dropped = 0
+        self.closed = False
+        self._receiver: trio.lowlevel.Task | None = None
+        self._senders: deque[list[Any]] | None = None  # [task, item] pairs, FIFO
+        self.on_overflow: Callable[[Mailbox], None] | None = None
+
+    # -- statistics ---------------------------------------------------------------------
+
+    @property
+    def used(self) -> int:
+        return len(self.user)
+
+    @property
+    def senders_waiting(self) -> int:
+        return len(self._senders) if self._senders else 0
+
+    # -- producer side ------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        task = self._receiver
+        if task is not None:
+            self._receiver = None
+            trio.lowlevel.reschedule(task)
+
+    def _has_room(self) -> bool:
+        user = self.user
+        return len(user) < self.capacity or (self._receiver is not None and not user)
+
+    def _append(self, item: Any) -> None:
+        user = self.user
+        user.append(item)
+        if len(user) > self.peak:
+            self.peak = len(user)
+        self._wake()
+
+    def _overflowed(self) -> None:
+        if self.on_overflow is not None:
+            self.on_overflow(self)
+
+    def put_nowait(self, item: Any) -> bool:
+        """Queue ``item`` without blocking; apply the overflow policy when full.
+
+        Returns False when the item was not queued (full under BLOCK, FAIL or DROP_NEWEST, or
+        the mailbox is closed). Raises nothing for casts; calls are failed by the caller.
+        """
+        if self.closed:
+            return False
+        if self._has_room() and not self._senders:
+            self._append(item)
+            return True
+        if self.overflow is Overflow.DROP_OLDEST and self.user:
+            evicted = self.user.popleft()
+            self.dropped += 1
+            if type(evicted) is PendingCall:
+                evicted.fail(MailboxFull(self.path))
+            self._append(item)
+            self._overflowed()
+            return True
+        if self.overflow is not Overflow.BLOCK:
+            self.dropped += 1
+        self._overflowed()
+        return False
+
+    async def put(self, item: Any) -> bool:
+        """Queue ``item``, waiting for room under BLOCK; a checkpoint.
+
+        Returns False if the item was dropped (DROP_NEWEST, or the mailbox closed before it
+        was queued); raises ``MailboxFull`` under FAIL. Cancellation while waiting leaves the
+        mailbox unchanged.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.put_nowait(item):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return True
+        if self.closed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return False
+        if self.overflow is Overflow.FAIL:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            raise MailboxFull(self.path)
+        if self.overflow is Overflow.DROP_NEWEST:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return False
+        senders = self._senders
+        if senders is None:
+            senders = self._senders = deque()
+        entry = [trio.lowlevel.current_task(), item]
+        senders.append(entry)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            senders.remove(entry)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        queued: bool = await trio.lowlevel.wait_task_rescheduled(abort)
+        return queued
+
+    def put_system(self, item: Any) -> None:
+        """Queue a control item on the system lane; never blocks, never drops."""
+        self.system.append(item)
+        self._wake()
+
+    # -- consumer side ------------------------------------------------------------------
+
+    def take(self) -> Any:
+        """Remove and return the oldest user item (the lane must not be empty)."""
+        item = self.user.popleft()
+        senders = self._senders
+        if senders:
+            task, waiting = senders.popleft()
+            self.user.append(waiting)
+            trio.lowlevel.reschedule(task, _QUEUED)
+        return item
+
+    def take_system(self) -> Any:
+        return self.system.pop(0)
+
+    async def wait(self) -> None:
+        """Park the consumer until either lane has an item."""
+        if self.user or self.system:
+            await trio.lowlevel.checkpoint()
+            return
+        self._receiver = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._receiver = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def close(self, error: Callable[[], BaseException] | None) -> None:
+        """Refuse further items; end every queued call with ``error()`` (ActorStopped if None)."""
+        self.closed = True
+        pending = list(self.user)
+        self.user.clear()
+        self.system.clear()
+        senders = self._senders
+        self._senders = None
+        for item in pending:
+            if type(item) is PendingCall:
+                item.fail(error() if error else ActorStopped(self.path))
+        while senders:
+            task, item = senders.popleft()
+            if type(item) is PendingCall:
+                item.fail(error() if error else ActorStopped(self.path))
+            trio.lowlevel.reschedule(task, _DROPPED)
+
+    def discard_user(self, error: Callable[[], BaseException]) -> None:
+        """Drop queued user items, failing calls with ``error()`` (OTP: the mailbox dies)."""
+        pending = list(self.user)
+        self.user.clear()
+        for item in pending:
+            if type(item) is PendingCall:
+                item.fail(error())
+
+
+_QUEUED: outcome.Value[bool] = outcome.Value(True)
+_DROPPED: outcome.Value[bool] = outcome.Value(False)
