@@ -207,6 +207,7 @@ class ActorCell:
         "children",
         "current_call",
         "exit_reason",
+        "handed",
         "handled",
         "incarnation",
         "kind",
@@ -264,6 +265,7 @@ class ActorCell:
         self.body_scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
         self.current_call: PendingCall | None = None
+        self.handed: list[PendingCall] | None = None
         self.monitors: list[Monitor] | None = None
         self.links: set[ActorCell] | None = None
         self.trap_exits = False
@@ -295,6 +297,19 @@ class ActorCell:
     def stop(self, reason: ExitReason = NORMAL) -> None:
         """Stop this actor after the current message; ``terminate(reason)`` runs."""
         self.request_stop(reason)
+
+    def defer_reply(self) -> PendingCall:
+        """Take over the reply to the call being handled (OTP's ``noreply``).
+
+        The handler's return value is then ignored; answer later with ``reply(value)`` or
+        ``fail(error)`` on the returned object, from this actor or a task it owns. If the
+        actor crashes first, the caller's timeout ends the call.
+        """
+        call = self.current_call
+        if call is None:
+            raise RuntimeError("defer_reply() is only valid while handling a call")
+        self.current_call = None
+        return call
 
     def monitor(self, ref: ActorRef[Any]) -> Monitor:
         """Watch ``ref``: a ``Down`` arrives on this actor's system lane when its current
@@ -508,9 +523,12 @@ class ActorCell:
         """
         self.exit_reason = reason
         self.state = State.STOPPED
-        call = self.current_call
-        if call is not None:
-            self.current_call = None
+        calls = [self.current_call] if self.current_call is not None else []
+        self.current_call = None
+        if self.handed:
+            calls += self.handed
+            self.handed = None
+        for call in calls:
             if type(reason) is Failure:
                 call.fail(ActorCrashed(self.path, reason.error))
             else:
@@ -552,6 +570,15 @@ class ActorCell:
 
     # -- the receiving side, for function actors -----------------------------------------
 
+    def _track(self, call: PendingCall) -> None:
+        """Remember a call handed to a function actor's body, to end it if the actor dies."""
+        handed = self.handed
+        if handed is None:
+            handed = self.handed = []
+        elif len(handed) > 32:
+            handed[:] = [c for c in handed if not c.done]
+        handed.append(call)
+
     async def receive(self) -> Any:
         """Wait for the next message: a system notice (``Down``, ``Exit``, ...) or a user
         message; a call arrives as a ``PendingCall`` to answer with ``reply``/``fail``."""
@@ -570,8 +597,11 @@ class ActorCell:
                 continue
             if mailbox.user and not self.suspended:
                 self.handled += 1
-                return mailbox.take()
-            await mailbox.wait()
+                item = mailbox.take()
+                if type(item) is PendingCall:
+                    self._track(item)
+                return item
+            await mailbox.wait(not self.suspended)
 
 
 def _handle_control(cell: ActorCell, msg: Any) -> bool:
@@ -691,7 +721,8 @@ class Actor(Generic[M]):
                         except ReplyError as exc:
                             item.fail(exc)
                         else:
-                            item.reply(result)
+                            if cell.current_call is item:  # not deferred with defer_reply()
+                                item.reply(result)
                         cell.current_call = None
                 else:
                     handler = table.get(type(item)) or self._lookup(type(item))
@@ -709,7 +740,7 @@ class Actor(Generic[M]):
                     await trio.lowlevel.checkpoint()
                 continue
             budget = _BATCH
-            await mailbox.wait()
+            await mailbox.wait(not cell.suspended)
 
 
 Context = ActorCell

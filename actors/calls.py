@@ -116,7 +116,7 @@ class CallTimers:
                 while queue and (queue[0].done or queue[0].deadline <= now):
                     call = queue.popleft()
                     if not call.done:
-                        call.fail(CallTimeout(call.path, timeout))
+                        call.fail(CallTimeout(call.path, call.timeout or timeout))
                 if queue:
                     wake = min(wake, queue[0].deadline)
                 else:

@@ -8,7 +8,7 @@ many it missed (``Lagged``). Synchronous hooks run inline and must be quick.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -130,20 +130,9 @@ class EventBus:
             self._waiters = trio.Event()
         await self._waiters.wait()
 
-    async def subscribe(self, *, replay: bool = False) -> AsyncIterator[Event]:
-        """Iterate over events as they are published (from now, or from the ring if ``replay``)."""
-        cursor = self._seq - len(self._ring) if replay else self._seq
-        while True:
-            oldest = self._seq - len(self._ring)
-            if cursor < oldest:
-                yield Lagged(path="", at=trio.current_time(), missed=oldest - cursor)
-                cursor = oldest
-            if cursor < self._seq:
-                event = self._ring[cursor - oldest]
-                cursor += 1
-                yield event
-            else:
-                await self._changed()
+    def subscribe(self, *, replay: bool = False) -> Subscription:
+        """Iterate over events published from this call on (or from the ring if ``replay``)."""
+        return Subscription(self, self._seq - len(self._ring) if replay else self._seq)
 
     async def wait_for(
         self,
@@ -170,6 +159,38 @@ class EventBus:
     def of(self, kind: type[E], path: str | None = None) -> list[E]:
         """Events of type ``kind`` (and ``path``) still in the ring, oldest first."""
         return [e for e in self._ring if isinstance(e, kind) and (path is None or e.path == path)]
+
+
+class Subscription:
+    """An async iterator over a bus's events from a fixed starting point."""
+
+    __slots__ = ("_bus", "_cursor")
+
+    def __init__(self, bus: EventBus, cursor: int) -> None:
+        self._bus = bus
+        self._cursor = cursor
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def aclose(self) -> None:
+        """Nothing to release; here so that ``contextlib.aclosing`` works."""
+
+    async def __anext__(self) -> Event:
+        bus = self._bus
+        while True:
+            oldest = bus._seq - len(bus._ring)
+            if self._cursor < oldest:
+                missed = oldest - self._cursor
+                self._cursor = oldest
+                await trio.lowlevel.checkpoint()
+                return Lagged(path="", at=trio.current_time(), missed=missed)
+            if self._cursor < bus._seq:
+                event = bus._ring[self._cursor - oldest]
+                self._cursor += 1
+                await trio.lowlevel.checkpoint()
+                return event
+            await bus._changed()
 
 
 def describe(error: Any) -> str:

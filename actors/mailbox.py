@@ -167,19 +167,30 @@ class Mailbox:
     def take(self) -> Any:
         """Remove and return the oldest user item (the lane must not be empty)."""
         item = self.user.popleft()
-        senders = self._senders
-        if senders:
-            task, waiting = senders.popleft()
-            self.user.append(waiting)
-            trio.lowlevel.reschedule(task, _QUEUED)
+        if self._senders:
+            self._admit()
         return item
+
+    def _admit(self) -> None:
+        """Move blocked senders' items into the user lane while it has room."""
+        senders = self._senders
+        user = self.user
+        while senders and (len(user) < self.capacity or (self.capacity == 0 and not user)):
+            task, waiting = senders.popleft()
+            user.append(waiting)
+            if len(user) > self.peak:
+                self.peak = len(user)
+            trio.lowlevel.reschedule(task, outcome.Value(True))
 
     def take_system(self) -> Any:
         return self.system.pop(0)
 
-    async def wait(self) -> None:
-        """Park the consumer until either lane has an item."""
-        if self.user or self.system:
+    async def wait(self, user_ready: bool = True) -> None:
+        """Park the consumer until the system lane (or, if ``user_ready``, either lane) has an
+        item. A suspended actor passes False, so queued user messages do not wake it."""
+        if self._senders and not self.user:
+            self._admit()  # capacity 0: a blocked sender hands over when we are ready
+        if (self.user and user_ready) or self.system:
             await trio.lowlevel.checkpoint()
             return
         self._receiver = trio.lowlevel.current_task()
@@ -205,7 +216,7 @@ class Mailbox:
             task, item = senders.popleft()
             if type(item) is PendingCall:
                 item.fail(error() if error else ActorStopped(self.path))
-            trio.lowlevel.reschedule(task, _DROPPED)
+            trio.lowlevel.reschedule(task, outcome.Value(False))
 
     def discard_user(self, error: Callable[[], BaseException]) -> None:
         """Drop queued user items, failing calls with ``error()`` (OTP: the mailbox dies)."""
@@ -214,7 +225,7 @@ class Mailbox:
         for item in pending:
             if type(item) is PendingCall:
                 item.fail(error())
+        if self._senders:
+            self._admit()
 
 
-_QUEUED: outcome.Value[bool] = outcome.Value(True)
-_DROPPED: outcome.Value[bool] = outcome.Value(False)
