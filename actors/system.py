@@ -110,6 +110,14 @@ class ActorSystem:
             parent.adopt(cell)
         return cell
 
+    def retired_cell(self, path: str, parent: ActorCell) -> ActorCell | None:
+        """The cell at ``path`` if it is a child of ``parent`` that is not running (so that a
+        restarted supervisor can give its children their old refs back)."""
+        cell = self._cells.get(path)
+        if cell is None or cell.parent is not parent or cell.running:
+            return None
+        return cell
+
     def unique_name(self, prefix: str) -> str:
         self._serial += 1
         return f"{prefix}-{self._serial}"

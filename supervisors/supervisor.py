@@ -240,13 +240,21 @@ class Supervisor(Actor[Any]):
     async def _start(self, child: _Child) -> ActorRef[Any]:
         """Start a new incarnation of ``child``; raises StartFailed."""
         spec = child.spec
-        instance = spec.start(*spec.args)
+        path = f"{self.ctx.path}/{spec.id}"
+        try:
+            instance = spec.start(*spec.args)
+        except Exception as exc:  # a factory that raises is a failed start, not our crash
+            raise StartFailed(path, exc) from exc
         child.kind = instance.kind
         cell = child.cell
         if cell is None:
-            cell = child.cell = self.ctx.system.new_cell(instance, spec.id, self.ctx)
-        else:
-            cell.reopen()
+            # a previous incarnation of this supervisor may have left the child's cell,
+            # retired: reuse it, so refs to the child stay valid across our own restarts
+            cell = self.ctx.system.retired_cell(path, self.ctx)
+            if cell is None:
+                cell = self.ctx.system.new_cell(instance, spec.id, self.ctx)
+            child.cell = cell
+        cell.reopen()
         assert self.ctx.nursery is not None
         ref: ActorRef[Any] = await self.ctx.nursery.start(cell.run, instance)
         child.status = _Status.RUNNING
