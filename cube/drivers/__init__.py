@@ -1,0 +1,1 @@
+"""Isolation drivers: one interface (``base.Driver``), one module per platform mechanism."""
