@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import trio
@@ -285,8 +285,15 @@ class Node:
         envs: Mapping[str, str] | None = None,
         network: EgressPolicy | None = None,
         take_timeout: float = 60.0,
+        on_timeout: Literal["kill", "pause"] = "kill",
+        auto_resume: bool = False,
+        network_spec: Mapping[str, Any] | None = None,
     ) -> SandboxHandle:
-        """Bind a warm sandbox of ``template`` and return it; the pool refills behind it."""
+        """Bind a warm sandbox of ``template`` and return it; the pool refills behind it.
+
+        ``on_timeout``, ``auto_resume`` and ``network_spec`` (E2B's ``network`` object as the
+        client gave it) are recorded for the API to show.
+        """
         services = self.services
         if template not in self.config.templates:
             raise KeyError(f"unknown template {template!r}")
@@ -310,13 +317,17 @@ class Node:
             instance=state.instance,
             metadata=dict(metadata or {}),
             env_vars=dict(envs or {}),
-            allow_internet_access=state.policy.allow_internet,
+            allow_internet_access=(network or state.policy).allow_internet,
+            network=dict(network_spec or {}),
+            on_timeout=on_timeout,
+            auto_resume=auto_resume,
             cpu_count=max(1, round(t.cpus)),
             memory_mb=t.memory_mb,
             disk_mb=t.disk_mb,
             started_at=now,
             end_at=now + seconds,
             envd_access_token=secrets.token_urlsafe(24),
+            traffic_access_token=secrets.token_urlsafe(24),
         )
         await services.store.call(Insert(record))
         info = await services.registry.call(Register(record, state, slot.group))
@@ -397,8 +408,6 @@ async def open_node(
     """Run a sandbox node for the duration of the block; every sandbox is stopped at exit."""
     config = config or load_config()
     driver = driver or make_driver(config)
-    if not getattr(driver, "isolated", True):
-        log.warning("driver %s gives NO isolation: sandboxes run as plain processes", driver.name)
     if system is None:
         async with open_actor_system("cube") as own, open_node(
             config, system=own, driver=driver, policy=policy
@@ -415,3 +424,4 @@ async def open_node(
     finally:
         with trio.CancelScope(shield=True):
             await system.stop(ref)
+            await policy.destroy()

@@ -11,6 +11,7 @@ tasks with the reply deferred, so one slow kill never holds up the next request.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,13 +20,17 @@ import msgspec
 import trio
 
 from actors import Actor, ActorRef, Down, Failure, Monitor, ReplyError, Request
-from supervisors import terminate_child
+from supervisors import start_dynamic_child, terminate_child
 
+from .drivers.base import SlotSpec
+from .netpolicy import EgressPolicy
 from .sandbox import Isolation, Pause, Resume, SandboxState
-from .store import Phase, SandboxRecord, Transition, Update
+from .store import Live, Phase, SandboxRecord, Transition, Update
 
 if TYPE_CHECKING:
     from .node import NodeServices
+
+log = logging.getLogger("cube.registry")
 
 __all__ = [
     "Entry",
@@ -126,6 +131,59 @@ class Registry(Actor[Any]):
 
     async def init(self) -> None:
         self.ctx.start_soon(self._deadline_loop)
+        await self._adopt()
+
+    async def terminate(self, reason: Any) -> None:
+        # the node is stopping and its sandboxes with it: say so in the journal, so that a
+        # restart does not take them for sandboxes lost in a crash
+        for entry in list(self.entries.values()):
+            if not entry.busy:
+                with trio.CancelScope(shield=True):
+                    await self._transition(entry, Phase.KILLED, reason="node stopped", end_at=time.time())
+
+    async def _adopt(self) -> None:
+        """Take back the sandboxes a previous run left alive; clean up everything else.
+
+        Runs before the pools start, so their warm slots are never taken for leftovers.
+        """
+        services = self.services
+        driver = services.driver
+        kept: list[str] = []
+        for record in await services.store.call(Live()):
+            instance = record.instance
+            if instance is None or instance.driver != driver.name or not driver.alive(instance):
+                await self._forget(record, "lost while the service was down")
+                continue
+            policy = EgressPolicy.from_e2b(record.allow_internet_access, record.network)
+            state = SandboxState(record.id, record.template, SlotSpec(slot_id=record.id), policy)
+            state.adopt = instance
+            try:
+                group = await start_dynamic_child(
+                    services.sandboxes, state, services, id=record.id, timeout=None
+                )
+            except ReplyError as exc:
+                await self._forget(record, f"could not be re-adopted: {exc}")
+                continue
+            state.group = group
+            entry = Entry(record, state, group)
+            if record.state == Phase.PAUSED:
+                instance.paused = True
+            entry.monitor = self.ctx.monitor(group)
+            self.entries[record.id] = entry
+            self._arm(entry)
+            kept.append(record.id)
+        removed = await driver.cleanup(kept)
+        removed += await services.policy.purge(kept)
+        if removed:
+            log.info("cleaned up after the previous run: %s", ", ".join(removed))
+
+    async def _forget(self, record: SandboxRecord, why: str) -> None:
+        if record.instance is not None:
+            with trio.CancelScope(shield=True):
+                await self.services.driver.stop(record.instance)
+        await self.services.store.call(
+            Transition(record.id, Phase.CRASHED, {"reason": why, "end_at": time.time()})
+        )
 
     # -- the journal ----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from supervisors import (
     ProcessExited,
     Spawn,
     Supervisor,
+    Watch,
 )
 
 from .drivers.base import Driver, Instance, SlotSpec
@@ -112,6 +113,8 @@ class Isolation(Actor[Any]):
             instance = state.adopt
             if not self.driver.alive(instance):
                 raise SandboxDied(f"{state.id}: its root process {instance.pid} is gone")
+            # not our child any more (a previous run spawned it): watch it by pidfd
+            await self.services.reaper.call(Watch(instance.pid, self.ctx.self))
         else:
             instance = await self.driver.start(state.spec, self._spawn)
         state.instance = instance

@@ -47,6 +47,8 @@ __all__ = [
     "ProcessTable",
     "Reaper",
     "Spawn",
+    "UNKNOWN_STATUS",
+    "Watch",
     "become_subreaper",
     "clear_session",
     "is_subreaper",
@@ -192,6 +194,18 @@ class Spawn(Request[ProcessHandle], frozen=True):
     stdout: Any = None
     stderr: Any = None
     pass_fds: tuple[int, ...] = ()
+
+
+class Watch(Request[None], frozen=True):
+    """Report the exit of ``pid``, a process that is not our child (one a previous run of the
+    service spawned and that we re-adopted), to ``owner`` as ``ProcessExited`` with
+    ``returncode`` ``UNKNOWN_STATUS``: only a parent can learn the real status."""
+
+    pid: int
+    owner: Any
+
+
+UNKNOWN_STATUS = -255
 
 
 class KillTree(Request[int], frozen=True):
@@ -432,6 +446,28 @@ class Reaper(Actor[Any]):
         self.table.live[handle.pid] = handle
         self.ctx.start_soon(self._watch, handle)
         return handle
+
+    async def on_watch(self, msg: Watch) -> None:
+        self.ctx.start_soon(self._watch_foreign, msg.pid, msg.owner)
+
+    async def _watch_foreign(self, pid: int, owner: ActorRef[Any]) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            owner.notify(ProcessExited(pid, UNKNOWN_STATUS))
+            return
+        except (AttributeError, OSError):
+            pidfd = -1
+        try:
+            if pidfd >= 0:
+                await trio.lowlevel.wait_readable(pidfd)
+            else:
+                while _proc_stat(pid) is not None:
+                    await trio.sleep(0.1)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        owner.notify(ProcessExited(pid, UNKNOWN_STATUS))
 
     async def on_kill_tree(self, msg: KillTree) -> int:
         return kill_tree(msg.pid, msg.sig)
