@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, over
 
 import trio
 
-from .calls import PendingCall, Request
+from .calls import Handshake, PendingCall, Request
 from .errors import (
     ActorCrashed,
     ActorStopped,
@@ -27,7 +27,7 @@ from .errors import (
     StartFailed,
     UnknownMessage,
 )
-from .events import Crashed, Started, Starting, Stopped, describe
+from .events import Crashed, Started, Starting, Stopped, Stopping, describe
 from .exits import KILLED, NORMAL, ExitReason, Failure, Normal, Shutdown
 from .mailbox import Mailbox, Overflow
 from .signals import (
@@ -77,10 +77,11 @@ class State(enum.Enum):
 class ActorRef(Generic[M]):
     """A stable handle to an actor: send it messages; valid across the actor's restarts."""
 
-    __slots__ = ("_cell",)
+    __slots__ = ("_cell", "_mailbox")
 
     def __init__(self, cell: ActorCell) -> None:
         self._cell = cell
+        self._mailbox = cell.mailbox
 
     @property
     def path(self) -> str:
@@ -152,7 +153,19 @@ class ActorRef(Generic[M]):
         Returns False if it was not queued. A loop of ``try_cast`` must await something
         eventually, or the receiver never runs.
         """
-        return self._cell.mailbox.put_nowait(msg)
+        mailbox = self._mailbox
+        user = mailbox.user
+        if len(user) < mailbox.capacity and not mailbox._senders and not mailbox.closed:
+            user.append(msg)  # Mailbox.put_nowait's fast path, one call less
+            used = len(user)
+            if used > mailbox.peak:
+                mailbox.peak = used
+            task = mailbox._receiver
+            if task is not None:
+                mailbox._receiver = None
+                trio.lowlevel.reschedule(task)
+            return True
+        return mailbox.put_nowait(msg)
 
     def cast_nowait(self, msg: M) -> None:
         """Like ``try_cast`` but raises ``MailboxFull`` (or ``ActorStopped``) when not queued."""
@@ -229,6 +242,7 @@ class ActorCell:
         "suspended",
         "system",
         "trap_exits",
+        "watching",
     )
 
     def __init__(
@@ -266,7 +280,8 @@ class ActorCell:
         self.nursery: trio.Nursery | None = None
         self.current_call: PendingCall | None = None
         self.handed: list[PendingCall] | None = None
-        self.monitors: list[Monitor] | None = None
+        self.monitors: list[Monitor] | None = None  # monitors others hold on us
+        self.watching: list[Monitor] | None = None  # monitors we hold on others
         self.links: set[ActorCell] | None = None
         self.trap_exits = False
         self.suspended = False
@@ -302,13 +317,14 @@ class ActorCell:
         """Take over the reply to the call being handled (OTP's ``noreply``).
 
         The handler's return value is then ignored; answer later with ``reply(value)`` or
-        ``fail(error)`` on the returned object, from this actor or a task it owns. If the
-        actor crashes first, the caller's timeout ends the call.
+        ``fail(error)`` on the returned object, from this actor or a task it owns. If this
+        incarnation ends first, the caller gets ``ActorCrashed`` or ``ActorStopped``.
         """
         call = self.current_call
         if call is None:
             raise RuntimeError("defer_reply() is only valid while handling a call")
         self.current_call = None
+        self._track(call)
         return call
 
     def monitor(self, ref: ActorRef[Any]) -> Monitor:
@@ -322,6 +338,9 @@ class ActorCell:
             if target.monitors is None:
                 target.monitors = []
             target.monitors.append(token)
+            if self.watching is None:
+                self.watching = []
+            self.watching.append(token)
         return token
 
     def demonitor(self, token: Monitor) -> None:
@@ -329,6 +348,9 @@ class ActorCell:
         monitors = token.target.monitors
         if monitors and token in monitors:
             monitors.remove(token)
+        watching = self.watching
+        if watching and token in watching:
+            watching.remove(token)
 
     def link(self, ref: ActorRef[Any]) -> None:
         """Link this actor and ``ref``: when one ends abnormally the other is killed, unless it
@@ -371,6 +393,7 @@ class ActorCell:
             return
         if self.state is State.RUNNING:
             self.state = State.STOPPING
+            self.system.events.publish(Stopping(self.path, trio.current_time(), str(reason)))
         if self.body_scope is not None:
             self._kill_reason = reason  # function actors: the body is cancelled
             self.body_scope.cancel()
@@ -435,9 +458,22 @@ class ActorCell:
                 child.close()
         self.system._unregister(self)
 
+    async def start_in(self, nursery: trio.Nursery, actor: Actor[Any]) -> ActorRef[Any]:
+        """Start an incarnation with ``actor`` in ``nursery``; return once its init is done.
+
+        Like ``nursery.start(self.run, actor)`` without trio's temporary nursery (about 8 us
+        less per start). Raises ``StartFailed`` if init raises; the child task then ends
+        quietly instead of raising into ``nursery``.
+        """
+        handshake = Handshake(self.kill)
+        nursery.start_soon(self.run, actor, handshake)
+        ref: ActorRef[Any] = await handshake.wait()
+        return ref
+
     async def run(
         self,
         actor: Actor[Any],
+        handshake: Handshake | None = None,
         *,
         task_status: trio.TaskStatus[ActorRef[Any]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -458,6 +494,10 @@ class ActorCell:
         self.system.events.publish(Starting(self.path, trio.current_time()))
         reason: ExitReason = KILLED
         start_error: BaseException | None = None
+        # whatever reports "started" keeps trio's temporary start nursery (about 1 KB) alive:
+        # hand it over in a box that _live empties once it has been used
+        status: list[Any] = [handshake if handshake is not None else task_status]
+        del task_status
         scope = trio.CancelScope()
         self.scope = scope
         try:
@@ -466,10 +506,10 @@ class ActorCell:
                     if actor.background_tasks:
                         async with trio.open_nursery() as nursery:
                             self.nursery = nursery
-                            reason = await self._live(actor, task_status)
+                            reason = await self._live(actor, status)
                             nursery.cancel_scope.cancel()
                     else:
-                        reason = await self._live(actor, task_status)
+                        reason = await self._live(actor, status)
                 except Exception as exc:
                     error = _unwrap(exc)
                     if not self.started:
@@ -487,16 +527,19 @@ class ActorCell:
             self._exit(reason if start_error is None else Failure(start_error), self.started)
         if not self.started:
             cause = start_error or RuntimeError(f"ended during init: {reason}")
+            if handshake is not None:
+                handshake.failed(StartFailed(self.path, cause))
+                return
             raise StartFailed(self.path, cause)
 
-    async def _live(self, actor: Actor[Any], task_status: trio.TaskStatus[ActorRef[Any]]) -> ExitReason:
+    async def _live(self, actor: Actor[Any], status: list[Any]) -> ExitReason:
         await actor.init()
         self.state = State.RUNNING
         self.started = True
         now = trio.current_time()
         self.started_at = now
         self.system.events.publish(Started(self.path, now))
-        task_status.started(self.ref)
+        status.pop().started(self.ref)
         try:
             reason = await actor._main(self)
         except Exception as exc:
@@ -546,7 +589,17 @@ class ActorCell:
         if monitors:
             self.monitors = None
             for token in monitors:
-                token.watcher.mailbox.put_system(Down(ref, reason, token))
+                watcher = token.watcher
+                if watcher.watching and token in watcher.watching:
+                    watcher.watching.remove(token)
+                watcher.mailbox.put_system(Down(ref, reason, token))
+        watching = self.watching
+        if watching:  # our own monitors die with this incarnation, as in Erlang
+            self.watching = None
+            for token in watching:
+                theirs = token.target.monitors
+                if theirs and token in theirs:
+                    theirs.remove(token)
         links = self.links
         if links:
             self.links = None
@@ -708,8 +761,9 @@ class Actor(Generic[M]):
                         await self.handle_info(msg)
                 continue
             if user and not cell.suspended:
-                item = mailbox.take()
-                if type(item) is PendingCall:
+                item = mailbox.take() if mailbox._senders else user.popleft()
+                kind = type(item)
+                if kind is PendingCall:
                     msg = item.msg
                     handler = table.get(type(msg)) or self._lookup(type(msg))
                     if handler is None:
@@ -725,7 +779,7 @@ class Actor(Generic[M]):
                                 item.reply(result)
                         cell.current_call = None
                 else:
-                    handler = table.get(type(item)) or self._lookup(type(item))
+                    handler = table.get(kind) or self._lookup(kind)
                     if handler is None:
                         await self.handle_info(item)
                     else:
@@ -740,7 +794,15 @@ class Actor(Generic[M]):
                     await trio.lowlevel.checkpoint()
                 continue
             budget = _BATCH
-            await mailbox.wait(not cell.suspended)
+            # mailbox.wait(), inlined: one coroutine frame (~0.4 KB) less per idle actor
+            if mailbox._senders and not user:
+                mailbox._admit()
+            if (user and not cell.suspended) or system:
+                await trio.lowlevel.checkpoint()
+            else:
+                mailbox.full_reported = False
+                mailbox._receiver = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(mailbox.abort_wait)
 
 
 Context = ActorCell

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -19,7 +20,7 @@ import trio
 
 from .errors import CallTimeout
 
-__all__ = ["CallTimers", "PendingCall", "Request"]
+__all__ = ["CallTimers", "Handshake", "PendingCall", "Request"]
 
 R = TypeVar("R")
 
@@ -125,3 +126,48 @@ class CallTimers:
                 self._scope = scope
                 await trio.sleep_forever()
             self._scope = None
+
+
+class Handshake:
+    """The starter's side of starting an incarnation with ``start_soon``: it parks until the
+    child reports that its init completed (or failed).
+
+    Cheaper than ``nursery.start``, which opens a temporary nursery and moves the task.
+    If the starter is cancelled while it waits, ``on_abort`` kills the child.
+    """
+
+    __slots__ = ("on_abort", "result", "task")
+
+    def __init__(self, on_abort: Callable[[], None]) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.result: outcome.Outcome[Any] | None = None
+        self.on_abort = on_abort
+
+    def _settle(self, result: outcome.Outcome[Any]) -> None:
+        if self.result is not None:
+            return
+        self.result = result
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task, result)
+
+    def started(self, value: Any = None) -> None:
+        self._settle(outcome.Value(value))
+
+    def failed(self, error: BaseException) -> None:
+        self._settle(outcome.Error(error))
+
+    async def wait(self) -> Any:
+        if self.result is not None:
+            await trio.lowlevel.checkpoint()
+            return self.result.unwrap()
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.task = None
+            self.result = outcome.Value(None)  # a late started()/failed() is ignored
+            self.on_abort()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)

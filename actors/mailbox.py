@@ -44,6 +44,7 @@ class Mailbox:
         "capacity",
         "closed",
         "dropped",
+        "full_reported",
         "on_overflow",
         "overflow",
         "path",
@@ -62,6 +63,7 @@ class Mailbox:
         self.system: list[Any] = []
         self.peak = 0
         self.dropped = 0
+        self.full_reported = False
         self.closed = False
         self._receiver: trio.lowlevel.Task | None = None
         self._senders: deque[list[Any]] | None = None  # [task, item] pairs, FIFO
@@ -97,8 +99,16 @@ class Mailbox:
         self._wake()
 
     def _overflowed(self) -> None:
-        if self.on_overflow is not None:
-            self.on_overflow(self)
+        if self.on_overflow is None:
+            return
+        if self.overflow is Overflow.BLOCK:
+            # nothing is lost under BLOCK: one event per episode of backpressure (until the
+            # consumer finds the lane empty), not one per blocked send, so that a steady
+            # stream of backpressure does not push every other event out of the ring
+            if self.full_reported:
+                return
+            self.full_reported = True
+        self.on_overflow(self)
 
     def put_nowait(self, item: Any) -> bool:
         """Queue ``item`` without blocking; apply the overflow policy when full.
@@ -106,6 +116,18 @@ class Mailbox:
         Returns False when the item was not queued (full under BLOCK, FAIL or DROP_NEWEST, or
         the mailbox is closed). Raises nothing for casts; calls are failed by the caller.
         """
+        user = self.user
+        if len(user) < self.capacity and not self._senders and not self.closed:
+            # the common case, inlined: this is all a try_cast costs
+            user.append(item)
+            used = len(user)
+            if used > self.peak:
+                self.peak = used
+            task = self._receiver
+            if task is not None:
+                self._receiver = None
+                trio.lowlevel.reschedule(task)
+            return True
         if self.closed:
             return False
         if self._has_room() and not self._senders:
@@ -158,7 +180,10 @@ class Mailbox:
         return queued
 
     def put_system(self, item: Any) -> None:
-        """Queue a control item on the system lane; never blocks, never drops."""
+        """Queue a control item on the system lane; never blocks, never drops (but a closed
+        mailbox, whose actor will never run again, takes nothing)."""
+        if self.closed:
+            return
         self.system.append(item)
         self._wake()
 
@@ -193,6 +218,7 @@ class Mailbox:
         if (self.user and user_ready) or self.system:
             await trio.lowlevel.checkpoint()
             return
+        self.full_reported = False
         self._receiver = trio.lowlevel.current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
@@ -200,6 +226,12 @@ class Mailbox:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def abort_wait(self, _: Any) -> trio.lowlevel.Abort:
+        """The abort function of a consumer parked by ``wait`` (or by the inlined copy of it
+        in ``Actor._main``)."""
+        self._receiver = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def close(self, error: Callable[[], BaseException] | None) -> None:
         """Refuse further items; end every queued call with ``error()`` (ActorStopped if None)."""
