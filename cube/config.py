@@ -71,8 +71,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
             raise ConfigError(f"driver must be one of {', '.join(DRIVERS)}, not {self.driver!r}")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"port must be 1-65535, not {self.port}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be 0-65535 (0: any free port), not {self.port}")
         for name in self.pools:
             if name not in self.templates:
                 raise ConfigError(f"pool {name!r} names an unknown template")
@@ -91,6 +91,16 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         import hashlib
 
         return "n" + hashlib.sha256(os.path.realpath(self.state_dir).encode()).hexdigest()[:6]
+
+    @property
+    def bridge(self) -> str:
+        """This node's sandbox bridge: one per node, so that nodes never filter each other."""
+        return f"cb{self.tag}"
+
+    @property
+    def subnet(self) -> str:
+        """This node's sandbox subnet, a /16 of 10.100-10.227 chosen by the tag."""
+        return f"10.{100 + int(self.tag[1:], 16) % 128}.0.0/16"
 
     def resolved_driver(self) -> str:
         """The driver to use: ``auto`` means ``ns`` as root on Linux, else ``process``."""

@@ -19,7 +19,7 @@ import math
 import os
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -352,11 +352,13 @@ class GuestLink(Actor[Any]):
         connect_timeout: float = 10.0,
         dead_after: float = 15.0,
         name: str | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         self.address = address
         self.connect_timeout = connect_timeout
         self.dead_after = dead_after
         self.name = name or os.path.basename(address)
+        self.alive = alive
         self.client: GuestClient | None = None
 
     async def init(self) -> None:
@@ -366,7 +368,10 @@ class GuestLink(Actor[Any]):
             try:
                 stream = await open_transport(self.address)
                 break
-            except OSError:
+            except OSError as exc:
+                # a supervisor waits for this init: give up at once if the guest is gone
+                if self.alive is not None and not self.alive():
+                    raise LinkLost(f"{self.name}: the sandbox is gone") from exc
                 if trio.current_time() + delay > deadline:
                     raise
                 await trio.sleep(delay)

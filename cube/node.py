@@ -82,7 +82,8 @@ def make_driver(config: NodeConfig) -> Driver:
     if name == "ns":
         from .drivers.ns import NsDriver
 
-        return NsDriver(config.state_dir)  # type: ignore[no-any-return]
+        gateway = config.subnet.replace(".0.0/16", ".0.1")
+        return NsDriver(config.state_dir, bridge=config.bridge, gateway=gateway, prefix_len=16)
     if name == "qemu":
         from .drivers.qemu import QemuDriver
 
@@ -392,7 +393,12 @@ def node_supervisor(services: NodeServices) -> Supervisor:
 def make_policy(config: NodeConfig, driver: Driver) -> NetPolicyDriver:
     """The network policy driver: nftables for drivers that give sandboxes a network."""
     if driver.name in ("ns", "qemu"):
-        nft = NftConfig(tag=config.tag, dns_servers=resolv_conf_nameservers())
+        nft = NftConfig(
+            tag=config.tag,
+            bridge=config.bridge,
+            subnet=config.subnet,
+            dns_servers=resolv_conf_nameservers(),
+        )
         return NftPolicy(nft)  # type: ignore[no-any-return]
     return NoNetPolicy()
 
@@ -425,3 +431,6 @@ async def open_node(
         with trio.CancelScope(shield=True):
             await system.stop(ref)
             await policy.destroy()
+            close = getattr(driver, "close", None)
+            if close is not None:
+                await close()

@@ -176,9 +176,14 @@ class NetPolicy(Actor[Any]):
                 await self.driver.remove(self.state.id)
 
 
-def _guest_link(state: SandboxState) -> GuestLink:
-    assert state.instance is not None
-    return GuestLink(state.instance.envd, name=state.id)
+def _guest_link(state: SandboxState, services: NodeServices) -> GuestLink:
+    instance = state.instance
+    assert instance is not None
+
+    def alive() -> bool:
+        return state.died is None and services.driver.alive(instance)
+
+    return GuestLink(instance.envd, name=state.id, alive=alive, connect_timeout=5.0)
 
 
 def sandbox_group(state: SandboxState, services: NodeServices) -> Supervisor:
@@ -194,7 +199,7 @@ def sandbox_group(state: SandboxState, services: NodeServices) -> Supervisor:
                 shutdown=60.0,
             ),
             ChildSpec("net", NetPolicy, (state, services), shutdown=10.0),
-            ChildSpec("guest", _guest_link, (state,), shutdown=5.0),
+            ChildSpec("guest", _guest_link, (state, services), shutdown=5.0),
         ],
         intensity=5,
         period=10.0,

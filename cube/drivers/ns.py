@@ -425,6 +425,15 @@ class NsDriver:
         self._packages = self._find_packages()
         self._host_ready = True
 
+    async def close(self) -> None:
+        """Remove the node's bridge once no sandbox uses it (called when the node stops)."""
+        if self.leftovers():
+            return  # a sandbox still runs (kept for re-adoption): its bridge stays
+        with Netlink() as nl:
+            nl.delete_link(self.bridge)
+        self._host_ready = False
+        await trio.lowlevel.checkpoint()
+
     def _share_netns_dir(self) -> None:
         """Make ``/run/netns`` a shared mount point, as ``ip netns add`` does, so that a later
         ``ip netns add`` never bind-mounts the directory over our pins and hides them."""

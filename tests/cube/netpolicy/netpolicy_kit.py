@@ -20,51 +20,20 @@ process: no helper processes, no start-up latency.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
 import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
+from netns_kit import sh, socket_in_netns
 
 from cube.netpolicy import EgressPolicy, NftConfig, PortMap, SandboxNet
 
-CLONE_NEWNET = 0x40000000
 DENIED_TIMEOUT = 0.3  # seconds a probe waits before calling a destination unreachable
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run one command (ip, nft, ...), raising with its stderr if it fails."""
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
-    return done
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def socket_in_netns(
-    netns: str | None, kind: socket.SocketKind = socket.SOCK_STREAM
-) -> socket.socket:
-    """A new IPv4 socket that lives in ``netns`` (None: the host's namespace)."""
-    if netns is None:
-        return socket.socket(socket.AF_INET, kind)
-    with open("/proc/thread-self/ns/net") as own, open(f"/run/netns/{netns}") as target:
-        _setns(target.fileno())
-        try:
-            return socket.socket(socket.AF_INET, kind)
-        finally:
-            _setns(own.fileno())
 
 
 @dataclass(frozen=True)
