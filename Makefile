@@ -17,7 +17,7 @@ serve: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check actors supervisors cube guest tests benchmarks
-	$(BIN)/mypy actors supervisors
+	$(BIN)/mypy actors supervisors guest cube/store
 
 unit: $(STAMP)
 	$(BIN)/pytest
