@@ -40,11 +40,12 @@ class LinkLost(Unavailable):
 class _Pending:
     """A request that is not a stream: one final frame wakes one waiting task."""
 
-    __slots__ = ("event", "frame", "op")
+    __slots__ = ("error", "event", "frame", "op")
 
     def __init__(self, op: str) -> None:
         self.op = op
         self.frame: protocol.Frame | None = None
+        self.error: GuestError | None = None
         self.event = trio.Event()
 
 
@@ -69,6 +70,7 @@ class GuestStream:
         self._unreturned = 0
         self._input_credit = 0
         self._credit_changed = trio.Event()
+        self._error: GuestError | None = None
         self.done = False
 
     def _feed(self, frame: protocol.Frame, size: int) -> None:
@@ -86,6 +88,7 @@ class GuestStream:
 
     def _lost(self, error: GuestError) -> None:
         self._final = protocol.Frame(id=self.id, err=error.to_wire())
+        self._error = error  # raised as itself (a LinkLost), not rebuilt from its code
         self._wakeup.set()
         self._credit_changed.set()
 
@@ -106,6 +109,8 @@ class GuestStream:
                 continue
             if self._final is not None:
                 self.done = True
+                if self._error is not None:
+                    raise self._error
                 self.result = self.client._unwrap(self.op, self._final)
                 return
             self._wakeup = trio.Event()
@@ -204,6 +209,7 @@ class GuestClient:
                 item._lost(error)
             else:
                 item.frame = protocol.Frame(id=0, err=error.to_wire())
+                item.error = error
                 item.event.set()
         self._closed_event.set()
 
@@ -298,6 +304,8 @@ class GuestClient:
                     with trio.CancelScope(shield=True):
                         await self._send_quietly(protocol.encode_request(id, "cancel"))
         assert pending.frame is not None
+        if pending.error is not None:
+            raise pending.error
         return self._unwrap(op, pending.frame)
 
     async def _send_quietly(self, data: bytes) -> None:
