@@ -40,6 +40,7 @@ from actors import (
 )
 
 __all__ = [
+    "UNKNOWN_STATUS",
     "ProcessActor",
     "ProcessExited",
     "ProcessFailed",
@@ -47,7 +48,6 @@ __all__ = [
     "ProcessTable",
     "Reaper",
     "Spawn",
-    "UNKNOWN_STATUS",
     "Watch",
     "become_subreaper",
     "clear_session",

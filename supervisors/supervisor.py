@@ -256,7 +256,7 @@ class Supervisor(Actor[Any]):
             child.cell = cell
         cell.reopen()
         assert self.ctx.nursery is not None
-        ref: ActorRef[Any] = await self.ctx.nursery.start(cell.run, instance)
+        ref: ActorRef[Any] = await cell.start_in(self.ctx.nursery, instance)
         child.status = _Status.RUNNING
         child.started_at = trio.current_time()
         return ref
