@@ -4,30 +4,15 @@ check that every test leaves nothing behind (``leftovers()`` is empty after each
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from driver_kit import Spawner, make_reaper, state_dir
+from driver_kit import Spawner, make_reaper, ns_unavailable, state_dir
 
 from actors import open_actor_system
 from cube.drivers.ns import NsDriver
 from cube.drivers.process import ProcessDriver
-
-
-def ns_unavailable() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "Linux namespaces"
-    if os.geteuid() != 0:
-        return "needs root (namespaces, cgroups, veths)"
-    if not os.path.exists("/usr/bin/python3"):
-        return "needs the host's /usr/bin/python3 for the sandbox"
-    return None
-
-
-requires_ns = pytest.mark.skipif(ns_unavailable() is not None, reason=ns_unavailable() or "")
 
 
 @pytest.fixture

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import trio
 
 from cube.drivers.base import Instance
@@ -139,3 +141,16 @@ class Stopwatch:
     @property
     def ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
+
+
+def ns_unavailable() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "Linux namespaces"
+    if os.geteuid() != 0:
+        return "needs root (namespaces, cgroups, veths)"
+    if not os.path.exists("/usr/bin/python3"):
+        return "needs the host's /usr/bin/python3 for the sandbox"
+    return None
+
+
+requires_ns = pytest.mark.skipif(ns_unavailable() is not None, reason=ns_unavailable() or "")

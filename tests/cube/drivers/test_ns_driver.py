@@ -12,8 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from conftest import requires_ns
-from driver_kit import LISTENER, Spawner, Stopwatch, connect, sh
+from driver_kit import LISTENER, Spawner, Stopwatch, connect, requires_ns, sh
 
 from cube.drivers.base import DriverError, Instance, SlotSpec
 from cube.drivers.ns import NsDriver

@@ -8,8 +8,7 @@ import socket
 
 import pytest
 import trio
-from conftest import requires_ns
-from driver_kit import Spawner, connect, sh, start_background
+from driver_kit import Spawner, connect, requires_ns, sh, start_background
 
 from cube.drivers.base import SlotSpec
 from cube.drivers.ns import KEEP_CAPS, NsDriver

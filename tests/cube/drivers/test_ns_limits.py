@@ -9,8 +9,16 @@ import subprocess
 
 import pytest
 import trio
-from conftest import requires_ns
-from driver_kit import Spawner, Stopwatch, connect, read_inside, sh, start_background, wait_for_file
+from driver_kit import (
+    Spawner,
+    Stopwatch,
+    connect,
+    read_inside,
+    requires_ns,
+    sh,
+    start_background,
+    wait_for_file,
+)
 
 from cube.drivers.base import DriverError, SlotSpec
 from cube.drivers.ns import NsDriver
