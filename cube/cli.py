@@ -1,46 +1,95 @@
-"""The ``cube`` command line."""
+"""The ``cube`` command line.
+
+``cube serve`` runs a node and its HTTP API on one listener until interrupted::
+
+    cube serve --host 127.0.0.1 --port 3000 --driver process --state-dir /tmp/cube
+
+Settings come from the config file (``--config`` / ``CUBE_CONFIG``), then ``CUBE_*``
+variables, then these flags. Without a configured API key, one is generated on first start,
+kept in the journal and printed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
 import trio
 
-from actors import open_actor_system
-from supervisors import ChildSpec, Reaper, Supervisor
+from .config import DRIVERS, ConfigError, NodeConfig, load_config
 
 __all__ = ["main"]
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Start the node's supervision tree and print it; runs until interrupted."""
-    async with open_actor_system("cube") as system:
-        await system.spawn(
-            Supervisor([ChildSpec(id="reaper", start=Reaper)], intensity=3, period=5.0),
-            "node",
-        )
-        print("cube: node started (the HTTP API is not built yet); supervision tree:", flush=True)
-        print(system.dump(), flush=True)
-        if args.once:
+def _say(message: str) -> None:
+    print(f"cube: {message}", file=sys.stderr, flush=True)
+
+
+async def serve(args: argparse.Namespace, config: NodeConfig) -> None:
+    """Start the node and the API; print the key, the URLs and the tree; run until interrupted."""
+    from .api import ensure_api_keys
+    from .api import serve as serve_api
+    from .api.logs import configure_logging
+    from .node import open_node
+
+    configure_logging(args.log_level, access_log=not args.no_access_log)
+    async with open_node(config) as node:
+        keys, generated = await ensure_api_keys(node, list(config.api_keys))
+        if generated is not None:
+            _say(f"API key (generated, kept in {config.state_path / 'journal.db'}): {generated}")
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                lambda task_status: serve_api(
+                    node, keys, host=config.host, port=config.port, task_status=task_status
+                )
+            )
+            url = binds[0] if binds else f"http://{config.host}:{config.port}"
+            _say(f"driver {config.resolved_driver()}, state dir {config.state_dir}")
+            _say(f"serving on {url}  (E2B_API_URL={url} E2B_SANDBOX_URL={url})")
+            print(node.services.system.dump(), flush=True)
+            if args.once:
+                nursery.cancel_scope.cancel()
+            else:
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+    _say("stopped")
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    """End the server on SIGINT or SIGTERM; the node then stops every sandbox in order."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            _say(f"{signal.Signals(signum).name}: stopping")
+            scope.cancel()
             return
-        await trio.sleep_forever()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cube", description="E2B-compatible sandboxes on trio actors")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_parser = commands.add_parser("serve", help="run the sandbox node")
-    serve_parser.add_argument("--host", default="127.0.0.1")
-    serve_parser.add_argument("--port", type=int, default=3000)
+    serve_parser = commands.add_parser("serve", help="run the sandbox node and its API")
+    serve_parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve_parser.add_argument("--port", type=int, help="port to listen on (default 3000)")
+    serve_parser.add_argument("--driver", choices=DRIVERS, help="isolation driver (default auto)")
+    serve_parser.add_argument("--state-dir", help="where the node keeps its journal and sandboxes")
+    serve_parser.add_argument("--config", help="TOML config file (default $CUBE_CONFIG)")
+    serve_parser.add_argument("--log-level", default=os.environ.get("CUBE_LOG_LEVEL", "info"))
+    serve_parser.add_argument("--no-access-log", action="store_true", help="no log line per request")
     serve_parser.add_argument("--once", action="store_true", help="start, print the tree, stop")
     args = parser.parse_args(argv)
     if args.command == "serve":
+        overrides = {"host": args.host, "port": args.port, "driver": args.driver, "state_dir": args.state_dir}
         try:
-            trio.run(serve, args)
+            config = load_config(args.config, overrides=overrides)
+        except ConfigError as exc:
+            _say(f"configuration error: {exc}")
+            return 2
+        try:
+            trio.run(serve, args, config)
         except KeyboardInterrupt:
-            print("cube: stopped", file=sys.stderr)
+            _say("stopped")
         return 0
     return 2
 

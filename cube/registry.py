@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from actors import Actor, ActorRef, Down, Failure, Monitor, ReplyError, Request
+from actors import Actor, ActorError, ActorRef, Down, Failure, Monitor, ReplyError, Request
 from supervisors import start_dynamic_child, terminate_child
 
 from .drivers.base import SlotSpec
@@ -227,6 +227,15 @@ class Registry(Actor[Any]):
         entry = self.entries.get(msg.id)
         if entry is None or entry.generation != msg.generation or entry.busy:
             return
+        if entry.record.on_timeout == "pause" and entry.record.state == Phase.RUNNING:
+            # E2B's lifecycle.on_timeout = "pause": keep it, frozen, instead of killing it.
+            try:
+                await self._isolation(entry).call(Pause(), timeout=30)
+            except (ActorError, ReplyError):
+                pass  # it cannot be paused: it ends as any other sandbox at its deadline
+            else:
+                await self._transition(entry, Phase.PAUSED)
+                return
         self._start_kill(entry, Phase.TIMED_OUT, "timeout", None)
 
     # -- registration and queries -----------------------------------------------------------

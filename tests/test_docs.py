@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +38,17 @@ def test_readme_starts_with_the_two_setup_commands():
     assert commands == ["make serve", "make test"]
 
 
-def test_cube_serve_once_prints_the_supervision_tree():
+def test_cube_serve_once_prints_the_supervision_tree() -> None:
+    state = tempfile.mkdtemp(prefix="cube-docs-", dir="/tmp")  # envd sockets need short paths
+    argv = ["serve", "--once", "--port", "0", "--driver", "process", "--state-dir", state]
     done = subprocess.run(
-        [sys.executable, "-m", "cube.cli", "serve", "--once"],
+        [sys.executable, "-m", "cube.cli", *argv],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
         cwd=ROOT,
     )
+    shutil.rmtree(state, ignore_errors=True)
     assert "node [supervisor running]" in done.stdout
     assert "reaper [worker running]" in done.stdout
