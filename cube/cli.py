@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -66,6 +67,60 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
+def _add_client_commands(commands: Any) -> None:
+    """``ls``, ``create``, ``exec``, ``kill`` and ``tree``: clients of a running ``cube serve``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("CUBE_URL"), help="server (default from config)")
+    common.add_argument("--api-key", help="default: CUBE_API_KEY, E2B_API_KEY, or the local journal")
+    common.add_argument("--state-dir", help="the local node's state dir (for its URL and key)")
+    ls = commands.add_parser("ls", parents=[common], help="list running and paused sandboxes")
+    ls.add_argument("--state", choices=("running", "paused"))
+    create = commands.add_parser("create", parents=[common], help="create a sandbox; prints its id")
+    create.add_argument("template", nargs="?", default="base")
+    create.add_argument("--timeout", type=int, help="seconds until it is killed")
+    create.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    run = commands.add_parser("exec", parents=[common], help="run a command in a sandbox")
+    run.add_argument("sandbox")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- command and arguments")
+    kill = commands.add_parser("kill", parents=[common], help="kill a sandbox")
+    kill.add_argument("sandbox")
+    commands.add_parser("tree", parents=[common], help="print the live supervision tree")
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from .remote import Remote, RemoteError, find_api_key
+
+    try:
+        config = load_config(overrides={"state_dir": args.state_dir})
+    except ConfigError as exc:
+        _say(f"configuration error: {exc}")
+        return 2
+    url = args.url or f"http://{config.host}:{config.port}"
+    remote = Remote(url, args.api_key or find_api_key(config.state_dir))
+    try:
+        if args.command == "ls":
+            for item in remote.sandboxes(args.state):
+                meta = ",".join(f"{k}={v}" for k, v in (item.get("metadata") or {}).items())
+                print(f"{item['sandboxID']}  {item['state']:8} {item['templateID']:20} {item['endAt']}  {meta}")
+        elif args.command == "create":
+            metadata = dict(pair.split("=", 1) for pair in args.metadata if "=" in pair)
+            print(remote.create(args.template, args.timeout, metadata)["sandboxID"])
+        elif args.command == "exec":
+            argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            if not argv:
+                _say("exec needs a command: cube exec ID -- cmd args...")
+                return 2
+            return remote.exec(args.sandbox, argv, sys.stdout.buffer, sys.stderr.buffer)
+        elif args.command == "kill":
+            remote.kill(args.sandbox)
+        elif args.command == "tree":
+            print(remote.tree(), end="")
+    except RemoteError as exc:
+        _say(str(exc))
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cube", description="E2B-compatible sandboxes on trio actors")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,7 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_parser.add_argument("--log-level", default=os.environ.get("CUBE_LOG_LEVEL", "info"))
     serve_parser.add_argument("--no-access-log", action="store_true", help="no log line per request")
     serve_parser.add_argument("--once", action="store_true", help="start, print the tree, stop")
+    _add_client_commands(commands)
     args = parser.parse_args(argv)
+    if args.command != "serve":
+        return _client_command(args)
     if args.command == "serve":
         overrides = {"host": args.host, "port": args.port, "driver": args.driver, "state_dir": args.state_dir}
         try:

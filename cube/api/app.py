@@ -101,6 +101,14 @@ def control_app(ctx: ApiContext) -> QuartTrio:
     async def openapi() -> Response:
         return Response(document, status=200, content_type="application/json")
 
+    @app.get("/admin/tree")
+    async def tree() -> Response:
+        """The node's live supervision tree: JSON, or pstree-like text with ?format=text."""
+        snapshot = ctx.node.tree()
+        if request.args.get("format") == "text":
+            return Response(snapshot.dump() + "\n", status=200, content_type="text/plain")
+        return Response(_ENCODER.encode(snapshot), status=200, content_type="application/json")
+
     @app.errorhandler(Exception)
     async def on_error(error: Exception) -> Response:
         if isinstance(error, HTTPException):
@@ -117,6 +125,14 @@ def envd_app(ctx: ApiContext) -> QuartTrio:
     app = _new_app("cube.envd")
     register_rpc(app, ctx)
     register_files(app, ctx)
+
+    @app.get("/admin/tree")
+    async def tree() -> Response:
+        """The node's live supervision tree: JSON, or pstree-like text with ?format=text."""
+        snapshot = ctx.node.tree()
+        if request.args.get("format") == "text":
+            return Response(snapshot.dump() + "\n", status=200, content_type="text/plain")
+        return Response(_ENCODER.encode(snapshot), status=200, content_type="application/json")
 
     @app.errorhandler(Exception)
     async def on_error(error: Exception) -> Response:
@@ -139,6 +155,14 @@ def envd_app(ctx: ApiContext) -> QuartTrio:
 def interpreter_app(ctx: ApiContext) -> QuartTrio:
     app = _new_app("cube.interpreter")
     register_interpreter(app, ctx)
+
+    @app.get("/admin/tree")
+    async def tree() -> Response:
+        """The node's live supervision tree: JSON, or pstree-like text with ?format=text."""
+        snapshot = ctx.node.tree()
+        if request.args.get("format") == "text":
+            return Response(snapshot.dump() + "\n", status=200, content_type="text/plain")
+        return Response(_ENCODER.encode(snapshot), status=200, content_type="application/json")
 
     @app.errorhandler(Exception)
     async def on_error(error: Exception) -> Response:
