@@ -1,7 +1,8 @@
 """A live ``cube serve`` in a subprocess, for tests and benchmarks that drive it over HTTP.
 
-The driver comes from ``CUBE_TEST_DRIVER`` (default ``process``: the ns driver needs root and
-a built rootfs); the state dir is a fresh temp dir; the port is a free one on 127.0.0.1.
+The driver comes from ``CUBE_TEST_DRIVER``: by default ``ns`` as root on Linux (what
+``cube serve`` runs there), else ``process``; the state dir is a fresh temp dir; the port is
+a free one on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def default_driver() -> str:
+    """``ns`` as root on Linux, as ``cube serve`` picks; ``process`` otherwise."""
+    return "ns" if sys.platform.startswith("linux") and os.geteuid() == 0 else "process"
+
+
 class LiveServer:
     """One ``cube serve`` process; ``start()`` returns once its API answers."""
 
@@ -40,7 +46,7 @@ class LiveServer:
         pools: dict[str, int] | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> None:
-        self.driver = driver or os.environ.get("CUBE_TEST_DRIVER", "process")
+        self.driver = driver or os.environ.get("CUBE_TEST_DRIVER") or default_driver()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = "e2b_" + secrets.token_hex(20)
