@@ -29,7 +29,7 @@ from typing import Any, Literal
 import msgspec
 import trio
 
-from actors import ActorRef, ActorSystem, TreeSnapshot, open_actor_system
+from actors import ActorRef, ActorSystem, ReplyError, TreeSnapshot, open_actor_system
 from guest import protocol
 from supervisors import (
     INFINITY,
@@ -39,6 +39,7 @@ from supervisors import (
     DynamicSupervisor,
     Reaper,
     Supervisor,
+    terminate_child,
 )
 
 from .config import NodeConfig, load_config
@@ -52,7 +53,7 @@ from .netpolicy import (
     NoNetPolicy,
     resolv_conf_nameservers,
 )
-from .pool import Pool, Take
+from .pool import Bound, Pool, Take
 from .registry import (
     Get,
     Kill,
@@ -63,7 +64,7 @@ from .registry import (
     ResumeSandbox,
     SetTimeout,
 )
-from .sandbox import UpdatePolicy, sandbox_group
+from .sandbox import Unpark, UpdatePolicy, sandbox_group
 from .store import Insert, Page, Phase, SandboxRecord, Store
 from .store import List as ListRecords
 
@@ -85,9 +86,11 @@ def make_driver(config: NodeConfig) -> Driver:
         gateway = config.subnet.replace(".0.0/16", ".0.1")
         return NsDriver(config.state_dir, bridge=config.bridge, gateway=gateway, prefix_len=16)
     if name == "qemu":
-        from .drivers.qemu import QemuDriver
+        from .drivers.qemu import QemuConfig, QemuDriver
 
-        return QemuDriver(config.state_dir)  # type: ignore[no-any-return]
+        gateway = config.subnet.replace(".0.0/16", ".0.1")
+        qemu = QemuConfig(bridge=config.bridge, gateway=gateway, prefix_len=16)
+        return QemuDriver(config.state_dir, config=qemu)  # type: ignore[no-any-return]
     raise ValueError(f"the {name} driver cannot run on this host")
 
 
@@ -301,37 +304,51 @@ class Node:
         seconds = self.config.default_timeout if timeout is None else timeout
         if not 0 <= seconds <= self.config.max_timeout:
             raise ValueError(f"timeout must be between 0 and {self.config.max_timeout:g} s")
-        slot = await services.pool(template).call(Take(), timeout=take_timeout)
-        state = slot.state
-        client = await services.system.lookup(f"{slot.group.path}/guest").call(GetClient())
-        if envs:
-            await client.call("envd.configure", protocol.Configure(envs=dict(envs)))
-        if network is not None and network != state.policy:
-            await services.system.lookup(f"{slot.group.path}/net").call(UpdatePolicy(network))
-        t = self.config.templates[template]
-        now = time.time()
-        record = SandboxRecord(
-            id=state.id,
-            template=template,
-            driver=services.driver.name,
-            state=Phase.RUNNING,
-            instance=state.instance,
-            metadata=dict(metadata or {}),
-            env_vars=dict(envs or {}),
-            allow_internet_access=(network or state.policy).allow_internet,
-            network=dict(network_spec or {}),
-            on_timeout=on_timeout,
-            auto_resume=auto_resume,
-            cpu_count=max(1, round(t.cpus)),
-            memory_mb=t.memory_mb,
-            disk_mb=t.disk_mb,
-            started_at=now,
-            end_at=now + seconds,
-            envd_access_token=secrets.token_urlsafe(24),
-            traffic_access_token=secrets.token_urlsafe(24),
-        )
-        await services.store.call(Insert(record))
-        info = await services.registry.call(Register(record, state, slot.group))
+        pool = services.pool(template)
+        slot = await pool.call(Take(hold_refill=True), timeout=take_timeout)
+        try:
+            state = slot.state
+            if slot.parked:  # the hot tier: its guest waits stopped (cube/pool.py)
+                await services.system.lookup(f"{slot.group.path}/isolation").call(Unpark(), timeout=30.0)
+            client = await services.system.lookup(f"{slot.group.path}/guest").call(GetClient())
+            if envs:
+                await client.call("envd.configure", protocol.Configure(envs=dict(envs)))
+            if network is not None and network != state.policy:
+                await services.system.lookup(f"{slot.group.path}/net").call(UpdatePolicy(network))
+            t = self.config.templates[template]
+            now = time.time()
+            record = SandboxRecord(
+                id=state.id,
+                template=template,
+                driver=services.driver.name,
+                state=Phase.RUNNING,
+                instance=state.instance,
+                metadata=dict(metadata or {}),
+                env_vars=dict(envs or {}),
+                allow_internet_access=(network or state.policy).allow_internet,
+                network=dict(network_spec or {}),
+                on_timeout=on_timeout,
+                auto_resume=auto_resume,
+                cpu_count=max(1, round(t.cpus)),
+                memory_mb=t.memory_mb,
+                disk_mb=t.disk_mb,
+                started_at=now,
+                end_at=now + seconds,
+                envd_access_token=secrets.token_urlsafe(24),
+                traffic_access_token=secrets.token_urlsafe(24),
+            )
+            await services.store.call(Insert(record))
+            info = await services.registry.call(Register(record, state, slot.group))
+        except BaseException:
+            # taken from the pool but never bound: nobody else would ever stop it
+            with trio.CancelScope(shield=True):
+                try:
+                    await terminate_child(services.sandboxes, slot.state.id)
+                except ReplyError:
+                    pass  # it was already gone
+            raise
+        finally:
+            pool.notify(Bound(slot.state.id))  # bound (or failed): the pool refills now
         handle = SandboxHandle(self, info)
         handle._client = client
         return handle

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-__all__ = ["Driver", "DriverError", "Instance", "SlotSpec", "Spawner"]
+__all__ = ["Driver", "DriverError", "Instance", "SlotSpec", "Spawner", "VmHooks"]
 
 
 class DriverError(Exception):
@@ -100,4 +100,40 @@ class Driver(Protocol):
     async def cleanup(self, keep: Sequence[str] = ()) -> list[str]:
         """Remove every resource of this driver except the slots in ``keep``; returns what was
         removed. Run at service start, after re-adopting what the journal knows."""
+        ...
+
+
+class VmHooks(Protocol):
+    """Optional methods of the VM drivers (qemu, bhyve). The pool, the node and the sandbox
+    group call each one only when the driver has it (``getattr``), so drivers without them
+    behave as before. docs/vm.md describes the tiers they make.
+    """
+
+    async def park(self, instance: Instance) -> None:
+        """The pool, when a slot becomes warm: stop the guest until it is bound (the hot
+        tier). ``instance.paused`` becomes True."""
+        ...
+
+    async def unpark(self, instance: Instance) -> None:
+        """The node, when it binds a parked slot: run the guest again with a fresh clock."""
+        ...
+
+    async def suspend(self, instance: Instance) -> None:
+        """E2B pause: save the guest to disk and end its hypervisor (``instance.pid`` becomes
+        0); what the sandbox owns on the host (tap, address) stays."""
+        ...
+
+    async def wake(self, instance: Instance, spawn: Spawner) -> None:
+        """E2B resume of a suspended guest: a new hypervisor restores it; ``instance`` is
+        updated in place (its new pid)."""
+        ...
+
+    async def adopt(self, instance: Instance) -> Instance:
+        """After a service restart: the instance as it is now (the journal's copy may predate
+        a suspend or a wake)."""
+        ...
+
+    def describe_exit(self, instance: Instance, returncode: int) -> Any:
+        """What the root process's exit status means (a ``cube.vm.ExitVerdict``): whether it
+        ends the sandbox, and the reason a bound sandbox is reported crashed with."""
         ...

@@ -12,6 +12,12 @@ work, ahead of time, in a pool slot:
    builds the root on a tmpfs, pivots into it and forks pid 1, which runs envd;
 3. wait until envd listens on ``<slot dir>/run/envd.sock`` (``/run/cube/envd.sock`` inside).
 
+envd itself comes from the node's zygote (``ns_zygote``) when envd is the real ``guest.envd``:
+one pre-imported envd per node, spawned through the reaper at the first start, that forks into
+each sandbox's namespaces and cgroups on pid 1's request, so a sandbox neither waits for envd's
+imports nor keeps a private copy of them. Without a zygote (it failed, or a custom envd
+command), pid 1 executes envd itself.
+
 Every resource is named after the node's tag (a hash of its state directory) and the slot id,
 so ``leftovers`` and ``cleanup`` find exactly this node's resources and two nodes on one host
 never touch each other's:
@@ -23,6 +29,7 @@ veth       ``cv<tag><hash of slot, 8>`` on the host, ``eth0`` inside; alias ``cu
 address    lease file ``/run/cube-ipam/<ip>`` holding ``<tag> <slot>``
 directory  ``<state_dir>/slots/<slot>/`` (plan, log, ``run/`` with the envd socket)
 processes  everything in the cgroup; the holder and pid 1 also name the plan in their argv
+zygote     ``<state_dir>/zygote-<id>/`` (plan, socket, log) and one process naming it
 =========  ==========================================================
 
 The mounts of the sandbox live only in its own mount namespace and vanish with it; the only
@@ -40,9 +47,12 @@ import logging
 import marshal
 import os
 import re
+import secrets
+import signal
 import sys
 import sysconfig
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import msgspec
 import trio
@@ -85,6 +95,8 @@ __all__ = [
 log = logging.getLogger("cube.drivers.ns")
 
 INIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ns_init.py")
+ZYGOTE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ns_zygote.py")
+ZYGOTE_RETRY = 60.0  # seconds before a zygote that failed to start is tried again
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SOCKET_INSIDE = "/run/cube/envd.sock"
 SRC_INSIDE = "/opt/cube/src"
@@ -336,7 +348,9 @@ class NsDriver:
     ``/usr/bin/python3``, which must match the service's Python minor version so that the
     venv's compiled extensions load); ``packages`` are the project packages mounted at
     ``/opt/cube/src``; ``site_packages`` defaults to this interpreter's. ``cgroup_version``
-    forces v1 or v2 instead of detecting it.
+    forces v1 or v2 instead of detecting it. ``zygote=False`` makes every sandbox execute its
+    own envd instead of forking the node's zygote (the zygote is only used for the default
+    ``envd_argv``).
     """
 
     name = "ns"
@@ -357,6 +371,7 @@ class NsDriver:
         ready_timeout: float = 30.0,
         ipam_dir: str = "/run/cube-ipam",
         netns_dir: str = "/run/netns",
+        zygote: bool = True,
     ) -> None:
         self.state_dir = os.path.realpath(state_dir)
         self.slots_dir = os.path.join(self.state_dir, "slots")
@@ -366,6 +381,12 @@ class NsDriver:
         self.envd_argv = list(
             envd_argv or [python, "-m", "guest.envd", "--listen", "unix:{socket}"]
         )
+        # the zygote forks guest.envd and nothing else
+        self.zygote = zygote and self.envd_argv[:3] == [python, "-m", "guest.envd"]
+        self._zygote: Any = None  # the zygote's ProcessHandle
+        self._zygote_dir = os.path.join(self.state_dir, f"zygote-{secrets.token_hex(3)}")
+        self._zygote_lock = trio.Lock()
+        self._zygote_retry_at = 0.0
         self.bridge = bridge
         self.gateway = gateway
         self.prefix_len = prefix_len
@@ -426,7 +447,9 @@ class NsDriver:
         self._host_ready = True
 
     async def close(self) -> None:
-        """Remove the node's bridge once no sandbox uses it (called when the node stops)."""
+        """Stop the zygote, and remove the node's bridge once no sandbox uses it (called when
+        the node stops)."""
+        await self._stop_zygotes(every=False)
         if self.leftovers():
             return  # a sandbox still runs (kept for re-adoption): its bridge stays
         with Netlink() as nl:
@@ -466,7 +489,7 @@ class NsDriver:
                 functools.partial(compileall.compile_dir, directory, quiet=1)
             )
 
-    def _plan(self, spec: SlotSpec, ip: str | None) -> dict[str, object]:
+    def _plan(self, spec: SlotSpec, ip: str | None, zygote: str | None = None) -> dict[str, object]:
         slot = spec.slot_id
         directory = self._slot_dir(slot)
         hostname = f"cube-{slot}"
@@ -491,6 +514,8 @@ class NsDriver:
             + [SITE_INSIDE + (f"-{i}" if i else "") for i in range(len(self.site_packages))]
         )
         return {
+            "zygote": zygote,
+            "log": os.path.join(directory, "init.log"),
             "cgroup_procs": SlotCgroup(self.layout, self.resource_name(slot)).procs_files(),
             "net": {
                 "veth": veth,
@@ -557,6 +582,8 @@ class NsDriver:
                 step = "compile packages"
                 await self._compile_packages()
                 self._compiled = True
+            step = "start the envd zygote"
+            zygote = await self._zygote_socket(spawn)
             step = "lease address"
             if spec.network:
                 instance.ip = self.pool.acquire(self._owner(slot))
@@ -564,7 +591,7 @@ class NsDriver:
             for sub in ("run", "root"):
                 os.mkdir(os.path.join(directory, sub), 0o700)
             with open(self._plan_path(slot), "wb") as f:
-                marshal.dump(self._plan(spec, instance.ip), f)
+                marshal.dump(self._plan(spec, instance.ip, zygote), f)
             step = "create cgroup"
             cgroup.create(CgroupLimits(spec.memory_mb << 20, spec.cpus, spec.pids_max))
             step = "spawn init"
@@ -589,6 +616,130 @@ class NsDriver:
                 raise DriverError(f"{op}: {step}: {exc}") from exc
             raise
         return instance
+
+    # the envd zygote -----------------------------------------------------------------------------
+
+    async def _zygote_socket(self, spawn: Spawner) -> str | None:
+        """The socket of the node's envd zygote, started through ``spawn`` if it is not running;
+        None when there is none (disabled, or it failed lately: pid 1 then executes envd)."""
+        if not self.zygote:
+            return None
+        async with self._zygote_lock:
+            handle = self._zygote
+            socket_path = os.path.join(self._zygote_dir, "sock")
+            if self._running_zygote():
+                return socket_path
+            if trio.current_time() < self._zygote_retry_at:
+                return None
+            if handle is not None:
+                log.warning("ns: the envd zygote exited (%s); starting another", handle.exit)
+                await self._stop_zygotes(every=False)
+            try:
+                self._zygote = await self._start_zygote(spawn, socket_path)
+            except (OSError, DriverError) as exc:
+                log.warning("ns: no envd zygote, sandboxes execute envd themselves: %s", exc)
+                self._zygote_retry_at = trio.current_time() + ZYGOTE_RETRY
+                await self._stop_zygotes(every=False)
+                return None
+            return socket_path
+
+    async def _start_zygote(self, spawn: Spawner, socket_path: str) -> Any:
+        directory = self._zygote_dir
+        if len(socket_path.encode()) > UNIX_PATH_MAX:
+            raise DriverError(f"zygote socket path {socket_path} is too long")
+        assert self._packages is not None
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # import the packages from a directory holding only them, as /opt/cube/src inside does
+        src = os.path.join(directory, "src")
+        os.makedirs(src, mode=0o700, exist_ok=True)
+        inside = {src: SRC_INSIDE}
+        for name, host in self._packages.items():
+            link = os.path.join(src, name)
+            if not os.path.islink(link):
+                os.symlink(host, link)
+        for index, site in enumerate(self.site_packages):
+            inside[site] = SITE_INSIDE + (f"-{index}" if index else "")
+        plan = {
+            "socket": socket_path,
+            "path": [src, *self.site_packages],
+            "inside": inside,
+            "slots_dir": self.slots_dir,
+            "init_script": INIT_SCRIPT,
+            "warm": True,
+        }
+        plan_path = os.path.join(directory, "plan")
+        with open(plan_path, "wb") as f:
+            marshal.dump(plan, f)
+        log_path = os.path.join(directory, "log")
+        env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+        with open(log_path, "ab") as log_file:
+            handle = await spawn(
+                [self.python, "-S", "-E", ZYGOTE_SCRIPT, plan_path],
+                cwd="/",
+                env=env,
+                stdout=log_file,
+                stderr=log_file,
+            )
+        try:
+            await wait_until_listening("ns zygote", socket_path, handle, log_path, self.ready_timeout)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await _kill_zygote(handle.pid, self.state_dir)
+            raise
+        log.info("ns: envd zygote %d ready on %s", handle.pid, socket_path)
+        return handle
+
+    def _running_zygote(self) -> int:
+        """The pid of this driver's zygote while it runs (0 if none): its handle has seen no
+        exit and the pid still names the zygote (the reaper may not have collected it yet)."""
+        handle = self._zygote
+        if handle is None or handle.exit is not None:
+            return 0
+        return handle.pid if _is_zygote(handle.pid, self.state_dir) else 0
+
+    def _zygotes(self) -> dict[int, str]:
+        """This node's zygote processes (any run's) in the host's pid namespace, by pid: the
+        zygote's envds carry its command line too, but live in their sandboxes' namespaces,
+        and the zygote's short-lived forks are left to it."""
+        own_ns = os.readlink("/proc/self/ns/pid")
+        own = self._running_zygote()
+        found = {}
+        for pid, cmd in scan_processes(cmdline=os.path.join(self.state_dir, "zygote-").encode()).items():
+            try:
+                if os.readlink(f"/proc/{pid}/ns/pid") != own_ns:
+                    continue
+            except OSError:
+                continue
+            state = process_state(pid)
+            if state is not None and own and state[1] == own:
+                continue
+            found[pid] = cmd
+        return found
+
+    def _zygote_dirs(self) -> list[str]:
+        try:
+            names = os.listdir(self.state_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.join(self.state_dir, n) for n in names if n.startswith("zygote-"))
+
+    async def _stop_zygotes(self, *, every: bool) -> list[str]:
+        """Stop this driver's zygote (``every``: all of this node's, stale ones of earlier runs
+        too) and remove their directories; returns what was removed."""
+        handle, self._zygote = self._zygote, None
+        removed = []
+        # not collected yet: the pid is still the zygote, or its zombie
+        if handle is not None and handle.exit is None and await _kill_zygote(handle.pid, self.state_dir):
+            removed.append(f"process {handle.pid}: zygote")
+        if every:
+            for pid, cmd in self._zygotes().items():
+                if await _kill_zygote(pid, self.state_dir):
+                    removed.append(f"process {pid}: {cmd}")
+        for directory in self._zygote_dirs():
+            if every or directory == self._zygote_dir:
+                removed.append(f"directory {directory}")
+                remove_tree(directory)
+        return removed
 
     async def stop(self, instance: Instance) -> None:
         """Kill every process of the slot and remove every resource; idempotent. Each step
@@ -735,6 +886,15 @@ class NsDriver:
                 found.append((self._veth_slot(link), f"veth {link}"))
         for address, owner in sorted(self.pool.leases(f"{self.tag} ").items()):
             found.append((owner.split(" ", 1)[1], f"address {address}"))
+        # the running zygote is the driver's, not a leftover: ``close`` and ``cleanup`` stop it
+        own = self._running_zygote()
+        running = own != 0
+        for pid, cmd in sorted(self._zygotes().items()):
+            if pid != own:
+                found.append(("", f"process {pid}: {cmd}"))
+        for directory in self._zygote_dirs():
+            if not (running and directory == self._zygote_dir):
+                found.append(("", f"directory {directory}"))
         return found
 
     def _veth_slot(self, link: str) -> str:
@@ -777,7 +937,50 @@ class NsDriver:
             if not slot and what.startswith("veth ") and link not in kept_links:
                 self._delete_veth(link)
                 removed.append(what)
+        removed += await self._stop_zygotes(every=True)
         return removed
+
+
+def _is_zygote(pid: int, state_dir: str) -> bool:
+    """Whether ``pid`` is a zygote of the node at ``state_dir`` (by its command line)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.path.join(state_dir, "zygote-").encode() in f.read()
+    except OSError:
+        return False
+
+
+async def _kill_zygote(pid: int, state_dir: str, timeout: float = 5.0) -> bool:
+    """SIGKILL the zygote ``pid`` of ``state_dir`` and wait until it is gone, reaping it if it
+    is our child (the reaper may have stopped before the node closes its driver). A pid that
+    is no longer that zygote is left alone. Returns whether it was killed."""
+    state = process_state(pid)
+    if state is None:
+        return False
+    if state[0] == "Z":  # dead already; collect it if it is ours (else its parent will)
+        if state[1] == os.getpid():
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        return False
+    if not _is_zygote(pid, state_dir):
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                state = process_state(pid)
+                if state is None or state[0] == "Z":
+                    break
+            await trio.sleep(0.002)
+    return True
 
 
 def _first_child(pid: int) -> int:

@@ -7,7 +7,8 @@ The ns driver starts it through the host reaper as::
 
 The plan is a ``marshal`` file written by ``cube.drivers.ns`` (all policy lives there; this
 program only executes it, step by step). It runs with ``-S -E`` and imports nothing beyond
-``ctypes``, ``marshal`` and ``ns_netlink`` (which needs only ``_socket`` and ``struct``):
+``ctypes``, ``marshal``, the built-in ``time`` and ``ns_netlink`` (which needs only ``_socket``
+and ``struct``):
 ``json``, ``socket`` and ``signal`` would pull in ``re`` and ``enum`` and add ~10 ms to every
 sandbox start.
 
@@ -25,6 +26,13 @@ Two processes result:
   whatever is left in the namespace. It dies with the holder (``PR_SET_PDEATHSIG``), so
   killing either process ends the whole sandbox.
 
+When the plan names the node's envd zygote (``ns_zygote``), the holder connects to it before
+anything else, and pid 1 does less: instead of mounting ``/proc``, dropping capabilities and
+executing envd, it asks the zygote on that connection for a fork of its pre-imported envd. The
+zygote's helper, born in this pid namespace, does those steps and forks envd, which becomes
+pid 1's child when the helper exits; pid 1 learns its pid on the connection and waits for it
+as for an envd it forked. If the zygote cannot be reached, envd is executed as above.
+
 Errors are written to stderr (the slot's ``init.log``) as ``ns_init: <step>: <error>`` with
 exit status 1.
 """
@@ -36,6 +44,7 @@ import ctypes
 import marshal
 import os
 import sys
+import time
 
 try:
     from cube.drivers import ns_netlink
@@ -259,7 +268,62 @@ def enter_root(libc: Libc, plan: dict[str, Any]) -> None:
 # pid 1
 
 
-def pid1(libc: Libc, plan: dict[str, Any], holder_alive: int) -> int:
+def connect_zygote(path: str | None) -> Any:
+    """A connection to the node's envd zygote (the kernel records our pid with it), or None
+    (then pid 1 executes envd itself)."""
+    if not path:
+        return None
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+    except OSError as exc:
+        conn.close()
+        os.write(2, f"ns_init: zygote {path}: {exc.strerror}; executing envd\n".encode())
+        return None
+    return conn
+
+
+def open_last_pid() -> int:
+    """The host's ``ns_last_pid``, opened while we still see it (-1 if we cannot). A write acts
+    on the writer's pid namespace, so pid 1 can move its own namespace's next pid with it."""
+    try:
+        return os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def envd_from_zygote(conn: Any, last_pid: int, timeout: float) -> int:
+    """Ask the zygote for this sandbox's envd; returns its pid (in our pid namespace).
+
+    The zygote's helper is born here as pid 3 (the next pid is moved past 2 first) and sets it
+    back, so that envd is pid 2, as when we fork it ourselves."""
+    if last_pid >= 0:
+        try:
+            os.write(last_pid, b"2")
+        except OSError:
+            pass  # envd gets another pid: nothing depends on it
+        os.close(last_pid)
+    conn.settimeout(timeout)
+    reply = b""
+    try:
+        conn.sendall(b"g")
+        while not reply.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    except OSError as exc:
+        raise InitError(f"zygote: {exc}") from exc
+    finally:
+        conn.close()
+    if not reply.startswith(b"pid "):
+        raise InitError(f"zygote: {reply.decode(errors='replace').strip() or 'no answer'}")
+    return int(reply[4:])
+
+
+def pid1(
+    libc: Libc, plan: dict[str, Any], holder_alive: int, zygote: Any = None, last_pid: int = -1
+) -> int:
     """Run as the first process of the sandbox's pid namespace; returns envd's exit code."""
     libc.prctl(PR_SET_PDEATHSIG, SIGKILL, "set parent-death signal")
     os.set_blocking(holder_alive, False)
@@ -269,8 +333,12 @@ def pid1(libc: Libc, plan: dict[str, Any], holder_alive: int) -> int:
     except BlockingIOError:
         pass
     os.close(holder_alive)
-    run_ops(libc, "/", plan["pid1"])
     libc.prctl(PR_SET_DUMPABLE, 0, "clear dumpable")  # envd, even as root, cannot ptrace us
+    if zygote is not None:
+        # The zygote's helper mounts /proc and drops envd's capabilities (it is in our pid
+        # namespace too); we stay as small as we are, as every page we write is ours alone.
+        return wait_for(envd_from_zygote(zygote, last_pid, plan.get("zygote_timeout", 30.0)))
+    run_ops(libc, "/", plan["pid1"])
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last_cap = int(f.read())
     keep = set(plan["keep_caps"])
@@ -288,9 +356,20 @@ def pid1(libc: Libc, plan: dict[str, Any], holder_alive: int) -> int:
         except OSError as exc:
             os.write(2, f"ns_init: exec {envd['argv'][0]}: {exc.strerror}\n".encode())
         os._exit(127)
+    return wait_for(child)
+
+
+def wait_for(envd: int) -> int:
+    """Reap every process that ends up ours (orphans included) until ``envd`` exits; its exit
+    code. The zygote's envd is not our child until its parent has exited: until then there
+    may be nothing to wait for."""
     while True:
-        pid, status = os.wait()  # reaps every orphan the sandbox leaves to us
-        if pid == child:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            time.sleep(0.001)
+            continue
+        if pid == envd:
             return os.waitstatus_to_exitcode(status)
 
 
@@ -304,9 +383,14 @@ def exit_status(code: int) -> int:
 
 def main(argv: list[str]) -> int:
     os.umask(0)
+    zygote = None
+    last_pid = -1
     try:
         with open(argv[1], "rb") as f:
             plan = marshal.load(f)
+        zygote = connect_zygote(plan.get("zygote"))
+        if zygote is not None:
+            last_pid = open_last_pid()
         libc = Libc()
         join_cgroups(plan["cgroup_procs"])
         make_network(libc, plan["net"])
@@ -319,12 +403,16 @@ def main(argv: list[str]) -> int:
     if child == 0:
         os.close(keep_open)
         try:
-            code = pid1(libc, plan, holder_alive)
+            code = pid1(libc, plan, holder_alive, zygote, last_pid)
         except (InitError, OSError) as exc:
             os.write(2, f"ns_init: pid 1: {exc}\n".encode())
             code = 1
         os._exit(exit_status(code))
     os.close(holder_alive)
+    if zygote is not None:
+        zygote.close()  # pid 1 has its own copy; the zygote sees the end when pid 1 closes it
+    if last_pid >= 0:
+        os.close(last_pid)
     _, status = os.waitpid(child, 0)
     return exit_status(os.waitstatus_to_exitcode(status))
 

@@ -86,8 +86,15 @@ class ImageSpec(msgspec.Struct, frozen=True):
         "virtio_net",
         "virtio_blk",
     )
-    optional_modules: tuple[str, ...] = ("vmw_vsock_virtio_transport", "virtio_rng")
+    optional_modules: tuple[str, ...] = ("vmw_vsock_virtio_transport", "virtio_rng", "brd")
+    # /home and /tmp on an ext2 RAM disk (brd, half the guest's RAM) instead of the
+    # initramfs: E2B keeps file metadata in user.* xattrs, which tmpfs has only since Linux 6.6
+    scratch_ramdisk: bool = True
     channel: str = "agent"  # the virtio-console port name envd serves
+    # the port of the control agent (guestctl.py: clock and network after a restore); "" none
+    control_channel: str = "cube-ctl"
+    # host executables copied in with their libraries; E2B's SDKs run commands with bash
+    binaries: tuple[str, ...] = ("/usr/bin/bash",)
     # "envd": python3 -m guest.envd; "standin": the stand-in in standin_envd.py; "auto": envd
     # when it imports, else the stand-in
     agent: Literal["auto", "envd", "standin"] = "auto"
@@ -112,6 +119,7 @@ class Image(msgspec.Struct, frozen=True):
     initrd_bytes: int
     files: int
     build_seconds: float
+    control_channel: str = ""  # the control agent's port; "" in images built without one
 
 
 class Progress:
@@ -182,7 +190,14 @@ def _sha256_file(path: str) -> str:
 
 
 # The modules whose code decides an image's bytes (uefi_disk.py keys its own output).
-BUILDER_SOURCES = ("build.py", "cpio.py", "debian.py", "rootfs.py", "standin_envd.py")
+BUILDER_SOURCES = (
+    "build.py",
+    "cpio.py",
+    "debian.py",
+    "guestctl.py",
+    "rootfs.py",
+    "standin_envd.py",
+)
 
 
 def builder_digest() -> str:
@@ -240,6 +255,10 @@ def _plan(spec: ImageSpec, agent_kind: str) -> list[rootfs.GuestFile]:
     if agent_kind == "standin":
         standin = Path(__file__).with_name("standin_envd.py")
         files += rootfs.library_files([(str(standin), f"{rootfs.AGENT_LIB}/cube_standin_envd.py")])
+    if spec.control_channel:
+        guestctl = Path(__file__).with_name("guestctl.py")
+        files += rootfs.library_files([(str(guestctl), f"{rootfs.AGENT_LIB}/cube_guestctl.py")])
+    files += rootfs.binary_files(spec.binaries)
     files += rootfs.etc_files(ca_bundle=spec.ca_bundle)
     # every python3 in the guest (code contexts, user scripts) finds the agent's packages
     files.append(
@@ -411,7 +430,7 @@ def _device_nodes() -> list[CpioEntry]:
 
 def _archive(root: Path, out: Path, compression: str, progress: Progress) -> int:
     """Write the tree as a (compressed) newc archive; returns the entry count."""
-    entries = [entry for entry in entries_from_tree(root) if entry.name != "dev"]
+    entries = [_owned(entry) for entry in entries_from_tree(root) if entry.name != "dev"]
     entries = _device_nodes() + entries
     raw = out.with_suffix(".cpio")
     with open(raw, "wb") as f:
@@ -431,6 +450,13 @@ def _archive(root: Path, out: Path, compression: str, progress: Progress) -> int
             shutil.copyfileobj(src, dst, 1 << 20)
         raw.unlink()
     return count
+
+
+def _owned(entry: CpioEntry) -> CpioEntry:
+    """The entry with its guest owner (``rootfs.OWNERS``); the staging tree's are the
+    builder's."""
+    owner = rootfs.OWNERS.get("/" + entry.name)
+    return msgspec.structs.replace(entry, uid=owner[0], gid=owner[1]) if owner else entry
 
 
 def _counted(entries: list[CpioEntry], progress: Progress) -> Iterable[CpioEntry]:
@@ -571,7 +597,13 @@ def _build(
     progress.step(f"copying {len(files)} files (python, stdlib, packages)")
     _stage(files, root, progress)
     init = rootfs.init_script(
-        kernel=kernel_version, modules=modules, channel=spec.channel, agent=agent[1]
+        kernel=kernel_version,
+        modules=modules,
+        channel=spec.channel,
+        agent=agent[1],
+        control=spec.control_channel,
+        python=f"/usr/bin/{Path(spec.python).name}",
+        scratch=spec.scratch_ramdisk and "brd" in modules,
     )
     (root / "init").write_bytes(init)
     (root / "init").chmod(0o755)
@@ -593,6 +625,7 @@ def _build(
         cmdline=BASE_CMDLINE,
         channel=spec.channel,
         agent=agent[0],
+        control_channel=spec.control_channel,
         inputs=inputs,
         initrd_bytes=initrd.stat().st_size,
         files=count,

@@ -36,6 +36,8 @@ class CpioEntry(msgspec.Struct, frozen=True):
     data: bytes = b""
     target: str = ""
     rdev: tuple[int, int] = (0, 0)
+    uid: int = 0
+    gid: int = 0
 
 
 def _header(ino: int, entry: CpioEntry, size: int, mtime: int) -> bytes:
@@ -44,8 +46,8 @@ def _header(ino: int, entry: CpioEntry, size: int, mtime: int) -> bytes:
     fields = (
         ino,
         entry.mode,
-        0,
-        0,
+        entry.uid,
+        entry.gid,
         nlink,
         mtime,
         size,
@@ -101,7 +103,7 @@ def write_cpio(entries: Iterable[CpioEntry], out: BinaryIO, *, mtime: int = 0) -
 def entries_from_tree(root: Path) -> Iterator[CpioEntry]:
     """Every directory, file and symlink under ``root``, parents first, in sorted order.
 
-    Permissions are kept; owners and times are not (see ``write_cpio``).
+    Permissions are kept; owners and times are not (the caller sets owners: ``uid``/``gid``).
     """
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()

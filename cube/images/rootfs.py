@@ -32,6 +32,7 @@ from cube.images.errors import ImageError
 __all__ = [
     "AGENT_LIB",
     "GuestFile",
+    "binary_files",
     "etc_files",
     "init_script",
     "library_closure",
@@ -157,7 +158,8 @@ def library_closure(files: Sequence[GuestFile]) -> list[GuestFile]:
     binaries = [
         item.source
         for item in files
-        if item.source and (item.path.endswith(".so") or item.path.startswith("/usr/bin/python"))
+        if item.source
+        and (item.path.endswith(".so") or (item.path.startswith("/usr/bin/") and item.mode & 0o111))
     ]
     have = {item.path for item in files}
     libs = []
@@ -189,14 +191,29 @@ def package_files(names: Iterable[str], *, into: str = AGENT_LIB) -> list[GuestF
     return files
 
 
+def binary_files(binaries: Iterable[str]) -> list[GuestFile]:
+    """Host executables the guest gets at the same path under /usr/bin (``library_closure``
+    adds their shared libraries): bash, which E2B's SDKs run every command with."""
+    files = []
+    for binary in binaries:
+        path = Path(binary)
+        if not path.exists():
+            raise ImageError(f"{binary} is not installed on the host")
+        files.append(GuestFile(f"/usr/bin/{path.name}", source=str(path.resolve()), mode=0o755))
+    return files
+
+
 def library_files(sources: Iterable[tuple[str, str]]) -> list[GuestFile]:
     """Single files copied as they are: ``(host path, guest path)`` pairs."""
     return [_host_file(Path(host), guest) for host, guest in sources]
 
 
+# Guest paths owned by someone other than root: E2B's default user owns its home.
+OWNERS = {"/home/user": (1000, 1000)}
+
 PASSWD = """\
-root:x:0:0:root:/root:/bin/sh
-user:x:1000:1000:user:/home/user:/bin/sh
+root:x:0:0:root:/root:/bin/bash
+user:x:1000:1000:user:/home/user:/bin/bash
 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
 """
 GROUP = """\
@@ -249,9 +266,25 @@ ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
 
+mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
 for module in @MODULES@; do
-    insmod "/lib/modules/@KERNEL@/$module.ko" 2>/dev/null || echo "cube-init: insmod $module failed"
+    case "$module" in
+        # one RAM disk of half the memory (tmpfs's default); pages are taken as written
+        brd) options="rd_nr=1 rd_size=$((mem_kb / 2)) max_part=0" ;;
+        *) options="" ;;
+    esac
+    insmod "/lib/modules/@KERNEL@/$module.ko" $options 2>/dev/null || echo "cube-init: insmod $module failed"
 done
+
+# /home and /tmp on an ext2 file system on that RAM disk: E2B keeps file metadata in user.*
+# extended attributes, which this kernel's tmpfs (the initramfs) does not have (Linux 6.6+).
+if [ -n "@SCRATCH@" ] && [ -b /dev/ram0 ] && mke2fs -F -m 0 -L scratch /dev/ram0 >/dev/null 2>&1 \
+        && mkdir -p /run/scratch && mount -t ext2 -o user_xattr /dev/ram0 /run/scratch; then
+    for dir in home tmp; do
+        cp -a "/$dir" /run/scratch/ && mount -o bind "/run/scratch/$dir" "/$dir"
+    done
+    chmod 1777 /tmp
+fi
 
 # Kernel command line options the host passes: cube.ip=ADDR/LEN cube.gw=ADDR cube.hostname=NAME
 for option in $(cat /proc/cmdline); do
@@ -268,44 +301,68 @@ if [ -n "$ip_addr" ] && [ -e /sys/class/net/eth0 ]; then
     [ -n "$ip_gw" ] && ip route add default via "$ip_gw"
 fi
 
-# No udev here: name the agent's port as udev would (/dev/virtio-ports/NAME -> /dev/vportNpM).
-port=""
-tries=0
-while [ -z "$port" ] && [ "$tries" -lt 500 ]; do
-    for dir in /sys/class/virtio-ports/*; do
-        if [ -e "$dir/name" ] && [ "$(cat "$dir/name")" = "@CHANNEL@" ] && [ -e "/dev/${dir##*/}" ]; then
-            port="/dev/${dir##*/}"
-        fi
+# No udev here: name a port as udev would (/dev/virtio-ports/NAME -> /dev/vportNpM).
+# find_port NAME TRIES: the port's device (polled every 10 ms), or nothing.
+find_port() {
+    tries=0
+    while [ "$tries" -lt "$2" ]; do
+        for dir in /sys/class/virtio-ports/*; do
+            if [ -e "$dir/name" ] && [ "$(cat "$dir/name")" = "$1" ] && [ -e "/dev/${dir##*/}" ]; then
+                ln -sf "/dev/${dir##*/}" "/dev/virtio-ports/$1"
+                echo "/dev/${dir##*/}"
+                return
+            fi
+        done
+        sleep 0.01
+        tries=$((tries + 1))
     done
-    [ -z "$port" ] && sleep 0.01
-    tries=$((tries + 1))
-done
+}
+port=$(find_port @CHANNEL@ 500)
 if [ -z "$port" ]; then
     echo "cube-init: no virtio-console port named @CHANNEL@; powering off"
     poweroff -f
 fi
-ln -sf "$port" "/dev/virtio-ports/@CHANNEL@"
 
 cd /
 echo "cube-init: starting the agent on $port"
 PYTHONPATH=@AGENT_LIB@ @AGENT@ --device "/dev/virtio-ports/@CHANNEL@" &
-wait $!
+agent=$!
+# The control port (clock and network after a restore) comes with the same virtio-serial
+# device as the agent's, so it is there by now or not at all.
+if [ -n "@CONTROL@" ] && [ -n "$(find_port @CONTROL@ 20)" ]; then
+    @PYTHON@ -S -c 'import sys; sys.path[:0] = ["@AGENT_LIB@"]; import cube_guestctl; cube_guestctl.serve(sys.argv[1])' \
+        "/dev/virtio-ports/@CONTROL@" &
+fi
+wait $agent
 echo "cube-init: the agent exited with status $?; powering off"
 poweroff -f
 """
 
 
 def init_script(
-    *, kernel: str, modules: Sequence[str], channel: str, agent: Sequence[str]
+    *,
+    kernel: str,
+    modules: Sequence[str],
+    channel: str,
+    agent: Sequence[str],
+    control: str = "",
+    python: str = "/usr/bin/python3",
+    scratch: bool = False,
 ) -> bytes:
     """The /init of the guest: ``agent`` is the argv that serves the channel (``--device`` is
-    appended), ``modules`` are loaded in the order given."""
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", channel):
-        raise ImageError(f"channel name {channel!r} must be a plain word")
+    appended), ``modules`` are loaded in the order given; ``control`` names the port of the
+    control agent (cube/images/guestctl.py, run by ``python``), empty for none; ``scratch``
+    puts /home and /tmp on an ext2 file system on the ``brd`` RAM disk."""
+    for name in (channel, control):
+        if name and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ImageError(f"port name {name!r} must be a plain word")
     text = (
         INIT_TEMPLATE.replace("@MODULES@", " ".join(modules))
         .replace("@KERNEL@", kernel)
         .replace("@CHANNEL@", channel)
+        .replace("@CONTROL@", control)
+        .replace("@SCRATCH@", "yes" if scratch else "")
+        .replace("@PYTHON@", python)
         .replace("@AGENT_LIB@", AGENT_LIB)
         .replace("@AGENT@", " ".join(agent))
     )

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from vm_kit import TEST_IMAGES
+from vm_kit import CHECKPOINTS, TEST_IMAGES
 
 from actors import open_actor_system
 from cube.drivers.qemu import QemuConfig, QemuDriver
@@ -63,8 +63,10 @@ async def spawn() -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def driver(envd_image: Image, state_dir: str, spawn: Any) -> AsyncIterator[QemuDriver]:
-    """A TCG driver on the envd image; whatever a test leaves running is removed after
-    (before the reaper stops, so that the reaper collects it)."""
-    qemu = QemuDriver(state_dir, image=envd_image, config=QemuConfig(accel="tcg"))
+    """A TCG driver on the envd image whose starts restore the shared durable checkpoint
+    (made by the first start on this machine); whatever a test leaves running is removed
+    after (before the reaper stops, so that the reaper collects it)."""
+    config = QemuConfig(accel="tcg", checkpoint_dir=CHECKPOINTS)
+    qemu = QemuDriver(state_dir, image=envd_image, config=config)
     yield qemu
     await qemu.cleanup()

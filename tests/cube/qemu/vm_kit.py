@@ -12,6 +12,8 @@ import trio
 
 # Built once per machine (the key changes when an input does), shared by every test run.
 TEST_IMAGES = os.environ.get("CUBE_TEST_IMAGES", "/var/tmp/cube-test-images")
+# The durable checkpoints of the test image, shared by every test (and test run) likewise.
+CHECKPOINTS = os.path.join(TEST_IMAGES, "checkpoints")
 
 
 class AgentClient:
