@@ -30,7 +30,7 @@ def envd_image() -> Image:
         [sys.executable, "-c", "import guest.envd"], capture_output=True, check=False
     )
     if check.returncode != 0:
-        pytest.skip("guest.envd does not import")
+        pytest.fail(f"guest.envd does not import: {check.stderr.decode()[-2000:]}")
     return build_image(ImageSpec(agent="envd"), TEST_IMAGES)
 
 
