@@ -51,6 +51,7 @@ import trio.testing  # noqa: E402
 from actors import (  # noqa: E402
     DEFAULT_TIMEOUT,
     Actor,
+    ActorInfo,
     ActorRef,
     Request,
     Restarted,
@@ -312,25 +313,6 @@ async def raw_restart(n: int) -> dict[str, float]:
     return {"RESTART_raw_us": elapsed / n * 1e6}
 
 
-class _FloorNode(msgspec.Struct, frozen=True):
-    path: str
-    name: str
-    kind: str
-    state: str
-    incarnation: int
-    restarts: int
-    uptime: float
-    mailbox_used: int
-    mailbox_capacity: int
-    mailbox_peak: int
-    senders_waiting: int
-    dropped: int
-    handled: int
-    last_failure: str | None = None
-    last_failure_at: float | None = None
-    children: list[_FloorNode] = []
-
-
 class _PlainNode:
     __slots__ = ("children", "name", "path")
 
@@ -354,9 +336,9 @@ def _snapshot_floor(tree: _PlainNode, encoder: msgspec.json.Encoder) -> float:
     object tree of the same size, then JSON; seconds."""
     now = trio.current_time()
 
-    def info(node: _PlainNode) -> _FloorNode:
+    def info(node: _PlainNode) -> ActorInfo:
         kids = [info(c) for c in node.children] if node.children else []
-        return _FloorNode(
+        return ActorInfo(
             node.path,
             node.name,
             "worker",
